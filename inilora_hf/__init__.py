@@ -1,0 +1,44 @@
+"""inilora_hf: LoRA initialization variants for Hugging Face Trainer / TRL, with cached, shareable factor sets.
+
+Example:
+    >>> from inilora_hf import inilora_init, SFTTrainer
+    >>> init = inilora_init("./my-base-model", variant="inilora", rank=8)     # doctest: +SKIP
+    >>> model = init()                                                         # doctest: +SKIP
+    >>> print(model.init_report.summary())                                     # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from .config import InitConfig
+from .errors import (
+    FactorSetCorruptError,
+    FactorSetError,
+    FactorSetFormatError,
+    FactorSetMismatchError,
+    TargetModuleError,
+)
+from .factors import FactorSet
+from .model_init import InitFunction, inilora_init
+from .report import InitReport
+from .trl import SFTTrainer
+from .variants import ModuleFactors, VariantInputs, available_variants, get_variant, register_variant
+
+__all__ = [
+    "FactorSet",
+    "FactorSetCorruptError",
+    "FactorSetError",
+    "FactorSetFormatError",
+    "FactorSetMismatchError",
+    "InitConfig",
+    "InitFunction",
+    "InitReport",
+    "ModuleFactors",
+    "SFTTrainer",
+    "TargetModuleError",
+    "VariantInputs",
+    "__version__",
+    "available_variants",
+    "get_variant",
+    "inilora_init",
+    "register_variant",
+]

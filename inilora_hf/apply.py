@@ -1,0 +1,119 @@
+"""Writing a `FactorSet` into a PEFT LoRA model: A, B, and for residual variants the base weight R."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.integrations import gather_params_ctx
+from torch import nn
+from .log import get_logger
+
+from .factors import RESIDUAL_KEY, FactorSet
+from .report import InitReport, ModuleReport
+from .targets import read_weight
+from .variants import get_variant
+
+logger = get_logger(__name__)
+
+
+def lora_config_for(factor_set: FactorSet, **lora_kwargs) -> LoraConfig:
+    """The `LoraConfig` matching a factor set (rank, alpha, rsLoRA, the exact target modules).
+
+    The factors are written afterwards, so PEFT's own init is left at its default (`init_lora_weights=True`),
+    which is also what a saved adapter must declare: reloading never re-runs a weight-mutating init.
+    """
+    config = factor_set.config
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        use_rslora=config.use_rslora,
+        target_modules=sorted(factor_set.factors),
+        init_lora_weights=True,
+        **lora_kwargs,
+    )
+
+
+def wrap_with_factors(
+    model: nn.Module, factor_set: FactorSet, *, adapter_name: str = "default", source: str = "", **lora_kwargs
+) -> PeftModel:
+    """`get_peft_model` + `apply_factor_set`; the returned model carries `.factor_set` and `.init_report`."""
+    peft_model = get_peft_model(model, lora_config_for(factor_set, **lora_kwargs), adapter_name=adapter_name)
+    report = apply_factor_set(peft_model, factor_set, adapter_name=adapter_name, source=source)
+    peft_model.factor_set = factor_set
+    peft_model.init_report = report
+    return peft_model
+
+
+@torch.no_grad()
+def apply_factor_set(
+    peft_model: PeftModel, factor_set: FactorSet, *, adapter_name: str = "default", source: str = ""
+) -> InitReport:
+    """Overwrite the LoRA factors of `adapter_name` with `factor_set` and, for residual variants, replace each
+    base weight by `R = W0 − s·B·A` computed in fp32 from the factors *as stored* (after casting to the
+    adapter dtype), then cast once to the base dtype. Returns the per-module `InitReport`.
+
+    Example:
+        >>> peft_model = get_peft_model(model, lora_config_for(fs))              # doctest: +SKIP
+        >>> report = apply_factor_set(peft_model, fs)                           # doctest: +SKIP
+        >>> report.max_reconstruction_error < 1e-5                             # doctest: +SKIP
+        True
+    """
+    spec = get_variant(factor_set.config.variant)
+    report = InitReport(
+        variant=spec.name,
+        rank=factor_set.config.rank,
+        scaling=factor_set.config.scaling,
+        residual=spec.residual,
+        source=source,
+    )
+    layers = {
+        name: module
+        for name, module in peft_model.get_base_model().named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+    }
+    missing = sorted(set(factor_set.factors) - set(layers))
+    if missing:
+        raise ValueError(f"The PEFT model has no LoRA layer for {missing[:3]} (adapter {adapter_name!r}).")
+    for name in sorted(factor_set.factors):
+        report.modules.append(_apply_module(layers[name], factor_set, name, adapter_name, spec.residual))
+    logger.info("LoRA init applied (%s):\n%s", source or spec.name, report.summary())
+    return report
+
+
+def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_name: str, residual: bool) -> ModuleReport:
+    factors = factor_set.factors[name]
+    scaling = layer.scaling[adapter_name]
+    if abs(scaling - factor_set.config.scaling) > 1e-12 * max(1.0, scaling):
+        raise ValueError(
+            f"LoRA scaling of {name!r} is {scaling}, but the factor set was computed for {factor_set.config.scaling}."
+        )
+    base = layer.get_base_layer()
+    lora_A = layer.lora_A[adapter_name].weight
+    lora_B = layer.lora_B[adapter_name].weight
+    if tuple(factors.lora_A.shape) != tuple(lora_A.shape) or tuple(factors.lora_B.shape) != tuple(lora_B.shape):
+        raise ValueError(
+            f"Factor shapes of {name!r} (A {tuple(factors.lora_A.shape)}, B {tuple(factors.lora_B.shape)}) do not fit "
+            f"the LoRA layer (A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)})."
+        )
+    with gather_params_ctx(base.weight):
+        weight = read_weight(base)
+        lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=lora_A.dtype, copy=True).contiguous()
+        lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=lora_B.dtype, copy=True).contiguous()
+        delta = scaling * (lora_B.float() @ lora_A.float())
+        if residual:
+            stored = factors.extra.get(RESIDUAL_KEY)
+            target = (weight - delta) if stored is None else stored.to(weight.device, torch.float32)
+            base.weight.data = target.to(base.weight.dtype)
+        effective = read_weight(base) + delta
+        error = effective - weight
+    return ModuleReport(
+        name=name,
+        shape=tuple(weight.shape),
+        storage_dtype=str(base.weight.dtype).removeprefix("torch."),
+        mse=factor_set.stats.get(name, {}).get("mse"),
+        optimal_mse=factor_set.stats.get(name, {}).get("optimal_mse"),
+        mse_ratio=factor_set.stats.get(name, {}).get("mse_ratio"),
+        reconstruction_max_abs=float(error.abs().max()),
+        reconstruction_rel=float(error.norm() / weight.norm().clamp_min(1e-30)),
+    )

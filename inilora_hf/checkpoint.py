@@ -1,0 +1,334 @@
+"""What a checkpoint must hold to rebuild a trained model exactly, and how to load it.
+
+PEFT saves only the LoRA factors. A residual variant also changed the base weight to `R = W0 − s·B0·A0`,
+so every adapter directory this package writes gets, next to PEFT's files:
+
+* `inilora_init.json`: the `InitConfig`, the factor-set reference (base model id/revision, `model_key`,
+  `config_hash`, cache key, where the factors came from), the base class and dtype, library versions;
+* `inilora_init/`: the initial factors A0/B0 as a `FactorSet` directory (plain safetensors plus
+  `inilora_factors.json` with the base-weight fingerprints), without any stored residual.
+
+`attach_init_metadata(peft_model)` makes the model write both on every `save_pretrained` call, which covers
+each `Trainer` / `SFTTrainer` `checkpoint-N` folder and `trainer.save_model()`. `load_trained(dir)` loads the
+original base, rebuilds `R` with `inilora_hf.apply` exactly as at training start, and loads the trained
+factors.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from peft import LoraConfig, PeftModel
+from torch import nn
+
+from .apply import wrap_with_factors
+from .compute import model_fingerprints
+from .errors import FactorSetFormatError
+from .factors import FactorSet, library_versions
+from .log import get_logger
+from .variants import get_variant
+
+logger = get_logger(__name__)
+
+INIT_METADATA_NAME = "inilora_init.json"
+INIT_FACTORS_DIR = "inilora_init"
+INIT_FORMAT_VERSION = 1
+
+# LoraConfig fields that `lora_config_for` derives from the factor set, or that describe the saved file only.
+_DERIVED_LORA_FIELDS = frozenset(
+    {"r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights", "peft_type", "auto_mapping",
+     "peft_version", "base_model_name_or_path", "revision", "inference_mode", "runtime_config"}
+)
+
+
+def init_metadata(model: PeftModel) -> dict[str, Any]:
+    """The JSON document `save_init_metadata` writes (see the module docstring).
+
+    Example:
+        >>> init_metadata(inilora_init("./base")())["config_hash"]              # doctest: +SKIP
+        '5f0c3a9e1d2b4c67'
+    """
+    from .model_init import cache_key  # model_init imports this module
+
+    factor_set = _factor_set_of(model)
+    report = getattr(model, "init_report", None)
+    base = model.get_base_model()
+    adapter = getattr(model, "active_adapter", "default")
+    return {
+        "format_version": INIT_FORMAT_VERSION,
+        "adapter_name": adapter,
+        "config": factor_set.config.to_dict(),
+        "variant": factor_set.config.variant,
+        "residual": get_variant(factor_set.config.variant).residual,
+        "scaling": factor_set.config.scaling,
+        "base_model": factor_set.base_model,
+        "base_revision": factor_set.base_revision,
+        "base_model_class": type(base).__name__,
+        "base_dtype": str(model_dtype(base)).removeprefix("torch."),
+        "model_key": factor_set.model_key,
+        "config_hash": factor_set.config.config_hash(),
+        "cache_key": cache_key(factor_set.model_key, factor_set.config),
+        "factor_source": getattr(report, "source", "") or "",
+        "factor_info": _json_safe(factor_set.info),
+        "residual_stored": factor_set.has_residual,
+        "factors": INIT_FACTORS_DIR,
+        "versions": library_versions(),
+    }
+
+
+def save_init_metadata(model: PeftModel, directory: str | os.PathLike) -> Path:
+    """Write `inilora_init.json` and `inilora_init/` (A0/B0 + fingerprints) into `directory`.
+
+    Example:
+        >>> model = inilora_init("./base", variant="inilora")()                 # doctest: +SKIP
+        >>> model.save_pretrained("out/adapter")                                 # doctest: +SKIP
+        >>> save_init_metadata(model, "out/adapter")   # automatic for models from inilora_init   # doctest: +SKIP
+    """
+    directory = Path(directory)
+    document = init_metadata(model)
+    _factor_set_of(model).save_pretrained(directory / INIT_FACTORS_DIR, include_residual=False)
+    tmp = directory / f".{INIT_METADATA_NAME}.tmp"
+    tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
+    os.replace(tmp, directory / INIT_METADATA_NAME)
+    return directory
+
+
+def read_init_metadata(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint's `inilora_init.json`, or None when it has none.
+
+    Example:
+        >>> read_init_metadata("out/checkpoint-500")["variant"]                 # doctest: +SKIP
+        'inilora'
+    """
+    file = Path(directory) / INIT_METADATA_NAME
+    if not file.is_file():
+        return None
+    try:
+        document = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise FactorSetFormatError(f"{file} is not valid JSON ({error}); the checkpoint metadata is corrupted.") from error
+    version = document.get("format_version")
+    if not isinstance(version, int) or version > INIT_FORMAT_VERSION:
+        raise FactorSetFormatError(
+            f"{file} has format version {version!r}; this inilora_hf reads up to {INIT_FORMAT_VERSION}. "
+            "Upgrade: `pip install -U inilora_hf`."
+        )
+    return document
+
+
+def attach_init_metadata(peft_model: PeftModel) -> PeftModel:
+    """Make `peft_model.save_pretrained(dir, ...)` also write the init metadata into `dir` (idempotent).
+
+    `Trainer._save` calls `self.model.save_pretrained(output_dir, ...)` for every checkpoint and for
+    `save_model()`, so the metadata lands in each `checkpoint-N` and in the final output. The hook is an
+    instance attribute (a `functools.partial` of a module-level function), so `copy.deepcopy` and pickling
+    keep it bound to the right model. Metadata is skipped when `is_main_process=False` and when PEFT converts
+    the adapter itself (`path_initial_model_for_weight_conversion`), whose output is a standard LoRA.
+
+    Example:
+        >>> model = attach_init_metadata(wrap_with_factors(base, factor_set))   # doctest: +SKIP
+        >>> model.save_pretrained("out")    # writes adapter files + inilora_init.json + inilora_init/   # doctest: +SKIP
+    """
+    _factor_set_of(peft_model)
+    current = peft_model.__dict__.get("save_pretrained")
+    if not (isinstance(current, functools.partial) and current.func is _save_pretrained_with_init_metadata):
+        peft_model.save_pretrained = functools.partial(_save_pretrained_with_init_metadata, peft_model)
+    return peft_model
+
+
+def _save_pretrained_with_init_metadata(model: PeftModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    method = type(model).save_pretrained
+    result = method(model, save_directory, *args, **kwargs)
+    bound = inspect.signature(method).bind(model, save_directory, *args, **kwargs)
+    bound.apply_defaults()
+    options = bound.arguments
+    if options.get("is_main_process", True) and options.get("path_initial_model_for_weight_conversion") is None:
+        save_init_metadata(model, save_directory)
+    return result
+
+
+def load_trained(
+    checkpoint_dir: str | os.PathLike,
+    *,
+    base_model: str | os.PathLike | nn.Module | None = None,
+    factors: FactorSet | str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+    model_class: type | None = None,
+    revision: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    is_trainable: bool = False,
+    strict: bool = True,
+) -> PeftModel:
+    """Rebuild a trained model from an adapter / Trainer checkpoint directory written by inilora_hf.
+
+    Loads the original base model, checks its target weights against the factor set's fingerprints,
+    rebuilds the training start exactly (`inilora_hf.apply`: A0/B0 and `R = W0 − s·B0·A0` for residual
+    variants) and loads the trained LoRA weights over it.
+
+    Args:
+        checkpoint_dir: A directory with `adapter_config.json` + `adapter_model.safetensors` (a
+            `checkpoint-N` folder, `trainer.save_model()` output or `model.save_pretrained()` output).
+        base_model: The original base model: a Hub id, a directory, or a loaded model (modified in place,
+            like `PeftModel.from_pretrained` does). Default: the one recorded in the checkpoint.
+        factors: The factor set the run started from (a `FactorSet`, a directory or a Hub repo id). Needed
+            only for checkpoints without `inilora_init.json` (written before this metadata existed, or by
+            plain PEFT); otherwise it overrides the recorded one.
+        dtype: Dtype to load the base model in (default: the dtype used in training, as recorded).
+        model_class: Class to load the base with (default: the recorded class, e.g. `LlamaForCausalLM`).
+        revision: Revision of the base model on the Hub (default: the recorded one).
+        model_kwargs: Extra `from_pretrained` arguments for the base model.
+        is_trainable: Keep the LoRA weights trainable (default: frozen, eval mode).
+        strict: Refuse a base model whose target weights do not match the factor set's fingerprints.
+
+    Returns:
+        A `PeftModel` with `.factor_set` and `.init_report`, whose `save_pretrained` keeps writing the
+        metadata, ready for `inilora_hf.convert.to_merged` / `to_lora`.
+
+    Raises:
+        FileNotFoundError: `checkpoint_dir` is not an adapter directory.
+        ValueError: The checkpoint has no init metadata and no `factors=` was given, or the adapter does not
+            fit the factor set.
+        FactorSetMismatchError: The base model's weights are not those the factors were computed from.
+
+    Example:
+        >>> from inilora_hf import load_trained
+        >>> model = load_trained("out/checkpoint-500")                            # doctest: +SKIP
+        >>> model = load_trained("out/checkpoint-500", base_model="./llama-local-copy")   # doctest: +SKIP
+    """
+    directory = Path(checkpoint_dir)
+    if not (directory / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} has no adapter_config.json: it is not a PEFT adapter or Trainer checkpoint directory."
+        )
+    metadata = read_init_metadata(directory) or {}
+    factor_set = _resolve_factor_set(directory, metadata, factors)
+    adapter = metadata.get("adapter_name", "default")
+    saved = LoraConfig.from_pretrained(directory)
+    lora_kwargs = _lora_kwargs(saved, factor_set, directory)
+    base = _load_base(base_model, metadata, factor_set, dtype=dtype, model_class=model_class,
+                      revision=revision, model_kwargs=model_kwargs)
+    if strict:
+        factor_set.check_compatible(model_fingerprints(base, factor_set.config))
+    source = metadata.get("factor_source") or ("given" if factors is not None else str(directory / INIT_FACTORS_DIR))
+    peft_model = wrap_with_factors(base, factor_set, adapter_name=adapter, source=source, **lora_kwargs)
+    result = peft_model.load_adapter(directory, adapter, is_trainable=is_trainable)
+    if result.missing_keys:
+        raise ValueError(f"{directory} lacks LoRA weights for {sorted(result.missing_keys)[:3]}; the adapter is incomplete.")
+    if not is_trainable:
+        peft_model.eval()
+        for parameter in peft_model.parameters():
+            parameter.requires_grad_(False)
+    logger.info("Loaded trained %s model from %s.", factor_set.config.variant, directory)
+    return attach_init_metadata(peft_model)
+
+
+def _resolve_factor_set(directory: Path, metadata: dict[str, Any], factors: Any) -> FactorSet:
+    if factors is not None:
+        return factors if isinstance(factors, FactorSet) else FactorSet.from_pretrained(factors)
+    if not metadata:
+        raise ValueError(
+            f"{directory} has no {INIT_METADATA_NAME} and no {INIT_FACTORS_DIR}/, so the starting point of the run "
+            "(initial factors A0/B0 and the residual base weight) is unknown. Pass the factor set the run started "
+            "from: `load_trained(dir, factors=<FactorSet, directory or Hub repo id>)` (e.g. "
+            "`model.factor_set.save_pretrained(...)` output, or the cache entry inilora_init used)."
+        )
+    factor_dir = directory / metadata.get("factors", INIT_FACTORS_DIR)
+    if not factor_dir.is_dir():
+        raise ValueError(
+            f"{directory} has {INIT_METADATA_NAME} but its factor directory {factor_dir.name}/ is missing (partly "
+            "copied?). Copy it along, or pass `load_trained(dir, factors=...)`."
+        )
+    if metadata.get("residual_stored"):
+        raise ValueError(
+            f"The run in {directory} used a factor set with a stored residual (a quantized base), which checkpoints "
+            f"do not copy. Pass it: `load_trained(dir, factors=...)` (recorded source: "
+            f"{metadata.get('factor_source') or 'unknown'})."
+        )
+    return FactorSet.from_pretrained(factor_dir)
+
+
+def _lora_kwargs(saved: LoraConfig, factor_set: FactorSet, directory: Path) -> dict[str, Any]:
+    """The saved adapter's LoRA options that differ from defaults, after checking it fits the factor set."""
+    config = factor_set.config
+    if (saved.r, float(saved.lora_alpha), bool(saved.use_rslora)) != (config.rank, float(config.lora_alpha), config.use_rslora):
+        raise ValueError(
+            f"The adapter in {directory} has r={saved.r}, lora_alpha={saved.lora_alpha}, use_rslora={saved.use_rslora}, "
+            f"but the factor set has r={config.rank}, lora_alpha={config.lora_alpha}, use_rslora={config.use_rslora}. "
+            "It was not trained from this factor set (a standard adapter from `to_lora` loads with plain "
+            "`PeftModel.from_pretrained` on the original base instead)."
+        )
+    default = LoraConfig()
+    return {
+        name: getattr(saved, name)
+        for name in LoraConfig.__dataclass_fields__
+        if name not in _DERIVED_LORA_FIELDS
+        and LoraConfig.__dataclass_fields__[name].init
+        and getattr(saved, name) != getattr(default, name)
+    }
+
+
+def _load_base(
+    base_model: Any,
+    metadata: dict[str, Any],
+    factor_set: FactorSet,
+    *,
+    dtype: Any,
+    model_class: type | None,
+    revision: str | None,
+    model_kwargs: dict[str, Any] | None,
+) -> nn.Module:
+    if isinstance(base_model, PeftModel):
+        raise TypeError("`base_model` must be the original model without adapters, not a PeftModel.")
+    if isinstance(base_model, nn.Module):
+        return base_model
+    name = base_model if base_model is not None else metadata.get("base_model") or factor_set.base_model
+    if not name:
+        raise ValueError("The checkpoint does not record its base model; pass `load_trained(dir, base_model=...)`.")
+    kwargs = dict(model_kwargs or {})
+    if base_model is None:
+        revision = revision or metadata.get("base_revision") or factor_set.base_revision
+    if revision is not None:
+        kwargs.setdefault("revision", revision)
+    dtype = dtype if dtype is not None else metadata.get("base_dtype")
+    if dtype is not None:
+        kwargs.setdefault("dtype", dtype)
+    if model_class is None:
+        model_class = getattr(transformers, str(metadata.get("base_model_class")), None) or transformers.AutoModelForCausalLM
+    try:
+        return model_class.from_pretrained(str(name), **kwargs)
+    except OSError as error:
+        raise OSError(
+            f"Could not load the base model {name!r} recorded in the checkpoint ({error}). Pass the original base "
+            "model: `load_trained(dir, base_model=<Hub id, directory or loaded model>)`."
+        ) from error
+
+
+def _factor_set_of(model: Any) -> FactorSet:
+    factor_set = getattr(model, "factor_set", None)
+    if not isinstance(model, PeftModel) or not isinstance(factor_set, FactorSet):
+        raise ValueError(
+            f"Expected a PeftModel built by inilora_init or load_trained (with a `.factor_set`), got a "
+            f"{type(model).__name__} without one. Set `model.factor_set = FactorSet.from_pretrained(...)` to the "
+            "factor set it was trained from."
+        )
+    return factor_set
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model was loaded in (for a quantized model, the dtype before quantization)."""
+    pre_quantization = getattr(getattr(model, "config", None), "_pre_quantization_dtype", None)
+    if isinstance(pre_quantization, torch.dtype):
+        return pre_quantization
+    return getattr(model, "dtype", torch.float32)
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with anything JSON cannot hold turned into a string."""
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,97 @@
+"""Computing a `FactorSet` from a loaded model: targets → fp32 weights → variant → statistics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from .log import get_logger
+
+from .config import InitConfig
+from .factors import FactorSet, library_versions, now_iso
+from .fingerprint import weight_fingerprint
+from .report import fit_statistics
+from .targets import check_rank, find_target_linears, read_weight
+from .variants import VariantInputs, get_variant
+
+logger = get_logger(__name__)
+
+
+def default_device() -> torch.device:
+    """CUDA when available (the fit is bandwidth-bound), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def target_weights(model: nn.Module, config: InitConfig) -> dict[str, torch.Tensor]:
+    """fp32 `(out, in)` weights of the modules `config` targets, validated (Linear, rank ≤ min(out, in))."""
+    modules = find_target_linears(model, config.target_modules)
+    check_rank(modules, config.rank)
+    return {name: read_weight(module) for name, module in modules.items()}
+
+
+def model_fingerprints(model: nn.Module, config: InitConfig) -> dict[str, dict]:
+    """Fingerprints of the target weights as the model holds them (its own dtype)."""
+    modules = find_target_linears(model, config.target_modules)
+    return {name: weight_fingerprint(module.weight.detach()) for name, module in modules.items()}
+
+
+def compute_factor_set(
+    weights: Mapping[str, torch.Tensor],
+    config: InitConfig,
+    *,
+    fingerprints: Mapping[str, dict],
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    device: torch.device | str | None = None,
+    gradients: Mapping[str, torch.Tensor] | None = None,
+    max_group_bytes: int | None = None,
+) -> FactorSet:
+    """Run `config.variant` on `weights` and package the result with statistics and provenance.
+
+    Example:
+        >>> cfg = InitConfig("pissa", rank=4, target_modules=["q_proj"])                  # doctest: +SKIP
+        >>> weights = target_weights(model, cfg)                                           # doctest: +SKIP
+        >>> fs = compute_factor_set(weights, cfg, fingerprints=model_fingerprints(model, cfg))  # doctest: +SKIP
+    """
+    spec = get_variant(config.variant)
+    if spec.needs_gradients and gradients is None:
+        raise ValueError(
+            f"Variant {spec.name!r} is data-driven: pass `calibration_data=` (a dataset or dataloader) to inilora_init."
+        )
+    device = torch.device(device) if device is not None else default_device()
+    started = time.perf_counter()
+    factors = spec.compute(
+        VariantInputs(
+            weights=weights, config=config, device=device, gradients=gradients, max_group_bytes=max_group_bytes
+        )
+    )
+    missing = sorted(set(weights) - set(factors))
+    if missing:
+        raise ValueError(f"Variant {spec.name!r} returned no factors for {missing[:3]}.")
+    for name, module in factors.items():
+        expected_A = (config.rank, weights[name].shape[1])
+        expected_B = (weights[name].shape[0], config.rank)
+        if tuple(module.lora_A.shape) != expected_A or tuple(module.lora_B.shape) != expected_B:
+            raise ValueError(
+                f"Variant {spec.name!r} returned lora_A {tuple(module.lora_A.shape)} / lora_B "
+                f"{tuple(module.lora_B.shape)} for {name!r}; expected {expected_A} / {expected_B}."
+            )
+    seconds = time.perf_counter() - started
+    stats = fit_statistics(weights, factors, config.scaling, with_optimum=spec.approximates_weight, device=device)
+    logger.info("Computed %s factors for %d modules in %.1f s on %s.", spec.name, len(factors), seconds, device)
+    return FactorSet(
+        config=config,
+        factors={n: factors[n] for n in sorted(factors)},
+        fingerprints=dict(fingerprints),
+        base_model=base_model,
+        base_revision=base_revision,
+        stats=stats,
+        info={
+            "created_at": now_iso(),
+            "compute_seconds": round(seconds, 3),
+            "compute_device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "versions": library_versions(),
+        },
+    )

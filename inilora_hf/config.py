@@ -1,0 +1,123 @@
+"""`InitConfig`: everything that determines a factor set, validated, JSON round-trippable and hashable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CONFIG_FORMAT_VERSION = 1
+_FIT_DTYPES = ("float32", "float64")
+
+
+def normalize_targets(target_modules: Sequence[str] | str) -> tuple[str, ...] | str:
+    """Validate `target_modules`; a list becomes a sorted tuple (order never changes the factors).
+
+    Example:
+        >>> normalize_targets(["v_proj", "q_proj", "q_proj"])
+        ('q_proj', 'v_proj')
+    """
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError("`target_modules` is empty; name at least one module, e.g. ['q_proj', 'v_proj'].")
+        return target_modules
+    targets = tuple(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"`target_modules` must be a non-empty list of module names, got {target_modules!r}.")
+    return tuple(sorted(set(targets)))
+
+
+@dataclass
+class InitConfig:
+    """How to initialise LoRA factors for a base model.
+
+    Args:
+        variant: Name of a registered variant (`"inilora"`, `"inilora-alpha"`, `"pissa"`, ...); see
+            `inilora_hf.available_variants()`.
+        rank: LoRA rank `r`.
+        lora_alpha: LoRA alpha; defaults to `rank` (the IniLoRA authors' setting, scaling 1).
+        use_rslora: Use rank-stabilised scaling `lora_alpha / sqrt(r)` instead of `lora_alpha / r`.
+        target_modules: Module-name suffixes (as in `peft.LoraConfig`) or one regular expression string.
+        options: Variant options (e.g. `steps`, `lr`, `seed`, `sigma`, `kaiming`). Missing options are filled
+            with the variant's defaults so that two configs that mean the same thing hash the same.
+        dtype: Dtype the factors are computed in (`"float32"` by default; residuals are always computed in
+            at least fp32).
+
+    Example:
+        >>> cfg = InitConfig("inilora", rank=8, options={"steps": 2000})
+        >>> cfg.scaling, cfg.options["lr"]
+        (1.0, 0.0005)
+        >>> InitConfig.from_json(cfg.to_json()) == cfg
+        True
+    """
+
+    variant: str = "inilora"
+    rank: int = 8
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        from .variants import get_variant  # the registry imports this module
+
+        spec = get_variant(self.variant)
+        self.variant = spec.name
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"`rank` must be a positive integer, got {self.rank!r}.")
+        if self.lora_alpha is None:
+            self.lora_alpha = self.rank
+        if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be a positive number, got {self.lora_alpha!r}.")
+        self.target_modules = normalize_targets(self.target_modules)
+        if self.dtype not in _FIT_DTYPES:
+            raise ValueError(f"`dtype` must be one of {_FIT_DTYPES}, got {self.dtype!r}.")
+        self.options = spec.resolve_options(self.options)
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scaling `s` that multiplies `B @ A` (PEFT's `alpha / r`, or `alpha / sqrt(r)` with rsLoRA)."""
+        return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict, including the format version."""
+        data = asdict(self)
+        data["target_modules"] = (
+            self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        )
+        data["format_version"] = CONFIG_FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InitConfig:
+        """Inverse of `to_dict`; rejects unknown keys and newer format versions with a clear error."""
+        data = dict(data)
+        version = data.pop("format_version", CONFIG_FORMAT_VERSION)
+        if version > CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"This InitConfig was written by a newer inilora_hf (format version {version}, this version reads "
+                f"up to {CONFIG_FORMAT_VERSION}). Upgrade inilora_hf: `pip install -U inilora_hf`."
+            )
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"Unknown InitConfig fields {sorted(unknown)}.")
+        if isinstance(data.get("target_modules"), list):
+            data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys), the basis of `config_hash`."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> InitConfig:
+        """Parse `to_json` output."""
+        return cls.from_dict(json.loads(text))
+
+    def config_hash(self) -> str:
+        """A stable 16-hex-digit hash of everything that changes the factors (used in cache keys)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

@@ -1,0 +1,21 @@
+"""Exceptions users can catch; every message names the problem and the fix."""
+
+
+class FactorSetError(ValueError):
+    """Base class for problems with a factor set (files, format, or fit to a base model)."""
+
+
+class FactorSetCorruptError(FactorSetError):
+    """A factor-set file is missing, truncated or does not match its recorded checksum."""
+
+
+class FactorSetFormatError(FactorSetError):
+    """The metadata was written by an incompatible (newer) version of inilora_hf, or is malformed."""
+
+
+class FactorSetMismatchError(FactorSetError):
+    """The factor set was computed for a different base model (shapes or weights differ)."""
+
+
+class TargetModuleError(ValueError):
+    """`target_modules` matches nothing, or matches a module inilora_hf cannot initialise."""

@@ -1,0 +1,275 @@
+"""The model card (README.md) of a factor-set repo: Hub metadata, configuration, fit statistics, usage, citation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .variants import get_variant
+
+if TYPE_CHECKING:
+    from .factors import FactorSet
+
+MAX_TABLE_ROWS = 48
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` looks like a Hub repo id (`org/name`) rather than a local path.
+
+    Example:
+        >>> is_hub_id("meta-llama/Llama-3.2-1B"), is_hub_id("./base"), is_hub_id("/tmp/x/base"), is_hub_id(None)
+        (True, False, False, False)
+    """
+    if not name or not _HUB_ID.match(name) or "--" in name or ".." in name or name.endswith(".git"):
+        return False
+    return not os.path.exists(name)
+
+
+def factor_set_card(factor_set: FactorSet, repo_id: str, *, license: str | None = None) -> ModelCard:
+    """The model card of a factor-set repo.
+
+    YAML metadata: `base_model` (when the recorded base model is a Hub id) with `base_model_relation: adapter`,
+    `library_name: peft`, tags `inilora`, `lora`, `peft` and the variant name, `license` when given, and an
+    `inilora` block with the configuration. The body says what the repo is, how to use it with and without
+    inilora_hf, the exact `InitConfig`, per-module fit statistics, provenance and the method's citation.
+
+    Args:
+        factor_set: The factor set the repo holds.
+        repo_id: The repo's id (used in the usage snippets).
+        license: A Hub license id (e.g. `"apache-2.0"`, `"llama3.2"`); usually the base model's.
+
+    Example:
+        >>> card = factor_set_card(factor_set, "my-org/llama-3.2-1b-inilora-r8", license="llama3.2")  # doctest: +SKIP
+        >>> card.data.base_model, card.data.library_name                                              # doctest: +SKIP
+        ('meta-llama/Llama-3.2-1B', 'peft')
+        >>> card.save("README.md")                                                                     # doctest: +SKIP
+    """
+    config = factor_set.config
+    spec = get_variant(config.variant)
+    base = factor_set.base_model if is_hub_id(factor_set.base_model) else None
+    tags = list(dict.fromkeys(["inilora", "lora", "peft", config.variant, "lora-initialization"]))
+    data = ModelCardData(
+        base_model=base,
+        library_name="peft",
+        license=license,
+        tags=tags,
+        **({"base_model_relation": "adapter"} if base else {}),
+        inilora={
+            "variant": config.variant,
+            "rank": config.rank,
+            "lora_alpha": config.lora_alpha,
+            "use_rslora": config.use_rslora,
+            "target_modules": sorted(factor_set.factors),
+            "residual": spec.residual,
+            "base_revision": factor_set.base_revision,
+            "config_hash": config.config_hash(),
+        },
+    )
+    sections = [
+        _intro(factor_set, repo_id, base),
+        _usage(factor_set, repo_id, base),
+        _configuration(factor_set),
+        _statistics(factor_set),
+        _provenance(factor_set),
+        _citation(spec.citation),
+    ]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(s.strip("\n") for s in sections if s) + "\n"
+    return ModelCard(content)
+
+
+def _base_label(factor_set: FactorSet, base: str | None) -> str:
+    if base:
+        return f"[{base}](https://huggingface.co/{base})"
+    if factor_set.base_model:
+        return f"`{PurePosixPath(str(factor_set.base_model)).name}` (a local model)"
+    return "an unnamed base model"
+
+
+def _intro(factor_set: FactorSet, repo_id: str, base: str | None) -> str:
+    config = factor_set.config
+    spec = get_variant(config.variant)
+    revision = f" (revision `{factor_set.base_revision}`)" if factor_set.base_revision else ""
+    residual = (
+        "The variant is *residual*: at initialisation each target weight `W0` of the base model is replaced by "
+        "`R = W0 − s·B0·A0` (s = LoRA scaling), so the model with the adapter computes exactly what the base "
+        "model computes, and training starts from factors that carry `W0`'s structure. The residual is not "
+        "stored here: it is recomputed from the base weights (see *Usage*)."
+        if spec.residual
+        else "The base weights are used unchanged; only the adapter's initial A/B differ from a fresh LoRA."
+    )
+    return f"""
+# {repo_id.split("/")[-1]}
+
+Initial LoRA factors (**{config.variant}**, rank {config.rank}, alpha {config.lora_alpha:g}) for
+{_base_label(factor_set, base)}{revision}, computed with [inilora_hf](https://pypi.org/project/inilora-hf/).
+
+This is **not a fine-tuned model**: it is the starting point of a LoRA fine-tune, shared so that the
+initialisation is computed once and reused across runs. {spec.description}
+
+{residual}
+
+| file | content |
+|---|---|
+| `inilora_factors.json` | the InitConfig, the base model's identity and per-module weight fingerprints, fit statistics, checksums |
+| `factors*.safetensors` | `<module>.lora_A` `(r, in)` and `<module>.lora_B` `(out, r)` in fp32, for {len(factor_set.factors)} modules |
+| `init_adapter/` | the same A/B as a standard PEFT LoRA adapter (`init_lora_weights: true`) |
+"""
+
+
+def _usage(factor_set: FactorSet, repo_id: str, base: str | None) -> str:
+    config = factor_set.config
+    spec = get_variant(config.variant)
+    base_ref = base or f"path/to/{PurePosixPath(str(factor_set.base_model or 'base-model')).name}"
+    revision = f", revision={json.dumps(factor_set.base_revision)}" if base and factor_set.base_revision else ""
+    if spec.residual:
+        plain = f"""
+import math
+
+import torch
+from huggingface_hub import hf_hub_download
+from peft import PeftConfig, PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+REPO = {json.dumps(repo_id)}
+config = PeftConfig.from_pretrained(REPO, subfolder="init_adapter")
+adapter = load_file(hf_hub_download(REPO, "adapter_model.safetensors", subfolder="init_adapter"))
+scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+# The residual model: W <- W - s * B0 @ A0 for every target module (computed in fp32).
+model = AutoModelForCausalLM.from_pretrained({json.dumps(base_ref)}{revision}, dtype=torch.float32)
+with torch.no_grad():
+    for name in sorted(config.target_modules):
+        lora_A = adapter[f"base_model.model.{{name}}.lora_A.weight"].float()
+        lora_B = adapter[f"base_model.model.{{name}}.lora_B.weight"].float()
+        weight = model.get_submodule(name).weight
+        weight.copy_((weight.float() - scaling * (lora_B @ lora_A)).to(weight.dtype))
+
+model = PeftModel.from_pretrained(model, REPO, subfolder="init_adapter", is_trainable=True)
+"""
+    else:
+        plain = f"""
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+REPO = {json.dumps(repo_id)}
+model = AutoModelForCausalLM.from_pretrained({json.dumps(base_ref)}{revision}, dtype=torch.float32)
+model = PeftModel.from_pretrained(model, REPO, subfolder="init_adapter", is_trainable=True)
+"""
+    return f"""
+## Usage
+
+With inilora_hf (`pip install inilora-hf`): the factors are downloaded once, checked against the base weights,
+and written into a fresh PEFT model on every call, so the callable can be handed to a Trainer as `model_init`.
+
+```python
+from inilora_hf import inilora_init
+
+init = inilora_init({json.dumps(base_ref)}, factors={json.dumps(repo_id)})
+model = init()  # a peft.PeftModel ready to train; or Trainer(model_init=init, ...) / inilora_hf.SFTTrainer
+```
+
+Download only (standard Hugging Face cache; works offline afterwards):
+
+```bash
+hf download {repo_id}
+inilora-hf pull {repo_id}   # same, prints the local path
+```
+
+Without inilora_hf, with plain `transformers` + `peft`:
+
+```python{plain}```
+"""
+
+
+def _configuration(factor_set: FactorSet) -> str:
+    config = factor_set.config
+    return f"""
+## Configuration
+
+LoRA scaling `s = {config.scaling:g}` ({'lora_alpha / sqrt(r)' if config.use_rslora else 'lora_alpha / r'}).
+The exact `InitConfig`:
+
+```json
+{json.dumps(config.to_dict(), indent=2, sort_keys=True)}
+```
+"""
+
+
+def _number(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4g}"
+
+
+def _statistics(factor_set: FactorSet) -> str:
+    stats = factor_set.stats
+    if not stats:
+        return ""
+    names = sorted(stats)
+    lines = [
+        "## Fit statistics",
+        "",
+        "`mse` = mean((s·B0·A0 − W0)²) over the weight; `optimal_mse` = the best any rank-r factorisation can do "
+        "(truncated SVD); `ratio` = mse / optimal_mse (1 is optimal).",
+        "",
+    ]
+    by_type: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for name in names:
+        by_type[name.rsplit(".", 1)[-1]].append(stats[name])
+    if len(names) > MAX_TABLE_ROWS:
+        lines += ["| module type | modules | mean mse | mean ratio | worst ratio |", "|---|---:|---:|---:|---:|"]
+        for kind, rows in sorted(by_type.items()):
+            ratios = [r["mse_ratio"] for r in rows if r.get("mse_ratio") is not None and not math.isnan(r["mse_ratio"])]
+            lines.append(
+                f"| `{kind}` | {len(rows)} | {_number(sum(r['mse'] for r in rows) / len(rows))} | "
+                f"{_number(sum(ratios) / len(ratios) if ratios else None)} | {_number(max(ratios) if ratios else None)} |"
+            )
+        lines.append("")
+    lines += ["| module | shape | mse | optimal_mse | ratio |", "|---|---|---:|---:|---:|"]
+    for name in names[:MAX_TABLE_ROWS]:
+        row = stats[name]
+        shape = "×".join(map(str, factor_set.fingerprints.get(name, {}).get("shape", [])))
+        lines.append(
+            f"| `{name}` | {shape} | {_number(row.get('mse'))} | {_number(row.get('optimal_mse'))} | "
+            f"{_number(row.get('mse_ratio'))} |"
+        )
+    if len(names) > MAX_TABLE_ROWS:
+        lines.append(
+            f"\n… and {len(names) - MAX_TABLE_ROWS} more modules (all {len(names)} are in `inilora_factors.json`)."
+        )
+    return "\n".join(lines)
+
+
+def _provenance(factor_set: FactorSet) -> str:
+    info = factor_set.info
+    lines = ["## How it was computed", ""]
+    if "compute_device" in info or "compute_seconds" in info:
+        lines.append(
+            f"- computed on **{info.get('compute_device', 'unknown device')}** in "
+            f"**{_number(info.get('compute_seconds'))} s**"
+        )
+    if info.get("created_at"):
+        lines.append(f"- created {info['created_at']}")
+    if factor_set.base_revision:
+        lines.append(f"- base model revision `{factor_set.base_revision}`")
+    lines.append(f"- base-weight digest `{factor_set.model_key}`, config hash `{factor_set.config.config_hash()}`")
+    versions = info.get("versions") or {}
+    if versions:
+        lines.append("- " + ", ".join(f"{name} {version}" for name, version in sorted(versions.items())))
+    return "\n".join(lines)
+
+
+def _citation(citation: str | None) -> str:
+    if not citation:
+        return ""
+    return f"## Citation\n\n```bibtex\n{citation.strip()}\n```"

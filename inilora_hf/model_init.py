@@ -1,0 +1,273 @@
+"""`inilora_init`: the `model_init` callable handed to `transformers.Trainer` and `inilora_hf.SFTTrainer`."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from .log import get_logger
+
+from .apply import wrap_with_factors
+from .compute import compute_factor_set, default_device, model_fingerprints, target_weights
+from .config import InitConfig, normalize_targets
+from .cache import get_or_build
+from .checkpoint import attach_init_metadata
+from .factors import FactorSet
+from .fingerprint import model_key
+
+logger = get_logger(__name__)
+
+
+def cache_key(base_key: str, config: InitConfig) -> str:
+    """Cache entry name: variant, rank, base-weight digest and config hash (readable and collision-safe)."""
+    return f"{config.variant}-r{config.rank}-{base_key}-{config.config_hash()}"
+
+
+class InitFunction:
+    """Builds a fresh `peft.PeftModel` with the configured LoRA init on every call.
+
+    Created by `inilora_init`; see there. The factor set is computed (or loaded) on the first call and reused
+    by every later call, so `Trainer.train()` re-initialisations and hyper-parameter trials cost one model load.
+
+    Attributes:
+        config: The resolved `InitConfig`.
+        factor_set: The `FactorSet` in use (None until the first call or `prepare()`).
+        factor_source: Where it came from: `"computed"`, `"cache:<key>"`, `"given"`, or the directory / repo id.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | PreTrainedModel,
+        config: InitConfig,
+        *,
+        factors: FactorSet | str | os.PathLike | None,
+        model_class: type | None,
+        model_kwargs: dict[str, Any],
+        lora_kwargs: dict[str, Any],
+        strict: bool,
+        device: torch.device | str | None,
+        max_group_bytes: int | None,
+        revision: str | None,
+        requested: dict[str, Any] | None = None,
+        use_cache: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if isinstance(model, PeftModel):
+            raise TypeError(
+                "inilora_init needs the base model, not a PeftModel: pass `peft_model.get_base_model()` before any "
+                "adapter was added, or the model's Hub id / directory."
+            )
+        if not isinstance(model, (str, os.PathLike, nn.Module)):
+            raise TypeError(f"`model` must be a Hub id, a directory or a loaded model, got {type(model).__name__}.")
+        self.config = config
+        self.factor_set: FactorSet | None = factors if isinstance(factors, FactorSet) else None
+        self._factors_source = None if isinstance(factors, FactorSet) else factors
+        self._model = model
+        self._model_class = model_class or AutoModelForCausalLM
+        self._model_kwargs = model_kwargs
+        self._lora_kwargs = lora_kwargs
+        self._strict = strict
+        self._device = device
+        self._max_group_bytes = max_group_bytes
+        self._revision = revision
+        self.factor_source = "given" if self.factor_set is not None else ""
+        self._requested = requested or {}
+        self._verified = False
+        self._use_cache = use_cache
+        self._cache_dir = cache_dir
+
+    @property
+    def base_model_name(self) -> str | None:
+        """The base model's Hub id or path (for a loaded model, its `config._name_or_path`)."""
+        if isinstance(self._model, nn.Module):
+            return getattr(getattr(self._model, "config", None), "_name_or_path", None) or None
+        return str(self._model)
+
+    def load_base_model(self) -> nn.Module:
+        """A fresh, unmodified copy of the base model (loaded from disk/Hub, or deep-copied)."""
+        if isinstance(self._model, nn.Module):
+            return copy.deepcopy(self._model)
+        kwargs = dict(self._model_kwargs)
+        if self._revision is not None:
+            kwargs.setdefault("revision", self._revision)
+        return self._model_class.from_pretrained(self._model, **kwargs)
+
+    def prepare(self, base: nn.Module | None = None) -> FactorSet:
+        """Resolve the factor set (load the given one, or compute it) without building a PEFT model."""
+        if self._verified:
+            return self.factor_set
+        base = self.load_base_model() if base is None else base
+        fingerprints = model_fingerprints(base, self.config)
+        if self.factor_set is None and self._factors_source is not None:
+            self.factor_set = FactorSet.from_pretrained(self._factors_source)
+            self.factor_source = str(self._factors_source)
+        if self.factor_set is None:
+            self.factor_set, self.factor_source = self._compute_or_load_cached(base, fingerprints)
+        else:
+            self._check_factor_set(fingerprints)
+        self._verified = True
+        return self.factor_set
+
+    def _compute_or_load_cached(self, base: nn.Module, fingerprints: dict[str, dict]) -> tuple[FactorSet, str]:
+        """Compute the factor set, through the local cache unless `use_cache=False`."""
+
+        def compute() -> FactorSet:
+            return compute_factor_set(
+                target_weights(base, self.config),
+                self.config,
+                fingerprints=fingerprints,
+                base_model=self.base_model_name,
+                base_revision=self._revision,
+                device=self._device if self._device is not None else default_device(),
+                max_group_bytes=self._max_group_bytes,
+            )
+
+        if not self._use_cache:
+            return compute(), "computed"
+        computed: list[FactorSet] = []
+        key = cache_key(model_key(fingerprints), self.config)
+
+        def build(directory: Path) -> None:
+            computed.append(compute())
+            computed[0].save_pretrained(directory)
+
+        lookup = get_or_build(key, build, cache_dir=self._cache_dir)
+        if computed:
+            logger.info("Computed factor set and stored it in the cache: %s", lookup.path)
+            return computed[0], "computed"
+        logger.info("Cache hit for %s (%s): loaded %s, no fitting.", self.base_model_name, self.config.variant, lookup.path)
+        return FactorSet.from_pretrained(lookup.path), f"cache:{key}"
+
+    def _check_factor_set(self, fingerprints: dict[str, dict]) -> None:
+        stored = self.factor_set.config
+        for field, value in self._requested.items():
+            if getattr(stored, field) != value:
+                raise ValueError(
+                    f"The factor set was computed with {field}={getattr(stored, field)!r}, but inilora_init was "
+                    f"called with {field}={value!r}. Drop the argument, or compute a new factor set (factors=None)."
+                )
+        self.config = stored
+        if self._strict:
+            self.factor_set.check_compatible(fingerprints)
+
+    def __call__(self, trial: Any = None) -> PeftModel:
+        """Return a new `PeftModel` ready to train (`trial` from hyper-parameter search is accepted)."""
+        base = self.load_base_model()
+        factor_set = self.prepare(base)
+        model = wrap_with_factors(base, factor_set, source=self.factor_source, **self._lora_kwargs)
+        return attach_init_metadata(model)
+
+
+def inilora_init(
+    model: str | os.PathLike | PreTrainedModel,
+    *,
+    variant: str | None = None,
+    rank: int | None = None,
+    lora_alpha: float | None = None,
+    use_rslora: bool | None = None,
+    target_modules: Sequence[str] | str | None = None,
+    factors: FactorSet | str | os.PathLike | None = None,
+    model_class: type | None = None,
+    dtype: torch.dtype | str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    lora_dropout: float = 0.0,
+    lora_config_kwargs: dict[str, Any] | None = None,
+    strict: bool = True,
+    device: torch.device | str | None = None,
+    max_group_bytes: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    **options: Any,
+) -> InitFunction:
+    """Create a `model_init` callable that returns a LoRA `PeftModel` initialised with `variant`.
+
+    Args:
+        model: A Hub id, a local directory, or an already-loaded `PreTrainedModel` (deep-copied on each call,
+            so the object you pass is never modified).
+        variant: An init variant name (`inilora`, `inilora-alpha`, `inilora-beta`, `pissa`, `milora`, `lora`,
+            `gaussian`, or one registered with `register_variant`).
+        rank: LoRA rank (default 8). With `factors=`, defaults to the factor set's.
+        lora_alpha: LoRA alpha (default: `rank`, i.e. scaling 1 as in the IniLoRA recipes).
+        use_rslora: Rank-stabilised scaling.
+        target_modules: Module names/suffixes, a regex string, or `"all-linear"` (default `["q_proj", "v_proj"]`).
+        factors: A `FactorSet`, a directory, or a Hub repo id holding one; None computes it.
+        model_class: Class used to load `model` from a path (default `AutoModelForCausalLM`; e.g.
+            `AutoModelForSequenceClassification`).
+        dtype: Dtype to load the model in (transformers' `dtype`; `torch_dtype` is accepted as an alias).
+        revision: Revision of `model` on the Hub.
+        model_kwargs: Extra keyword arguments for `from_pretrained`.
+        lora_dropout: `LoraConfig.lora_dropout`.
+        lora_config_kwargs: Other `LoraConfig` fields (e.g. `task_type`, `modules_to_save`, `bias`).
+        strict: Refuse a factor set whose recorded base-weight fingerprint differs from the model's.
+        device: Where to compute the factors (default: CUDA if available, else CPU).
+        max_group_bytes: Memory bound for one batched group of same-shape matrices during the fit.
+        cache_dir: Local factor-set cache (default `$INILORA_HF_CACHE`, else `$HF_HOME/inilora`).
+        use_cache: Look up / store computed factor sets in the cache (keyed by base weights + config). Concurrent
+            processes (e.g. the ranks of a `torchrun` job) compute a key once; the others wait and load it.
+        **options: Variant options, e.g. `steps=20000, lr=5e-4, seed=0` (inilora), `sigma=0.5`
+            (inilora-alpha), `kaiming="uniform"` (inilora-beta).
+
+    Returns:
+        An `InitFunction`; call it (or let a Trainer call it) to get a `PeftModel` with `.factor_set` and
+        `.init_report`.
+
+    Example:
+        >>> from inilora_hf import inilora_init, SFTTrainer
+        >>> init = inilora_init("meta-llama/Llama-2-7b-hf", variant="inilora", rank=8)   # doctest: +SKIP
+        >>> trainer = SFTTrainer(model_init=init, args=SFTConfig("out"), train_dataset=ds)  # doctest: +SKIP
+    """
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("Pass `dtype` or its alias `torch_dtype`, not both.")
+    dtype = dtype if dtype is not None else torch_dtype
+    model_kwargs = dict(model_kwargs or {})
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    requested = {
+        field: value
+        for field, value in {
+            "variant": variant, "rank": rank, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
+            "target_modules": None if target_modules is None else normalize_targets(target_modules),
+        }.items()
+        if value is not None
+    }
+    if factors is not None and not isinstance(factors, FactorSet) and not Path(factors).is_dir():
+        factors = str(factors)  # a Hub repo id, downloaded on first use
+    stored = factors.config if isinstance(factors, FactorSet) else None
+    config = stored or InitConfig(
+        variant=variant or "inilora",
+        rank=8 if rank is None else rank,
+        lora_alpha=lora_alpha,
+        use_rslora=bool(use_rslora),
+        target_modules=("q_proj", "v_proj") if target_modules is None else target_modules,
+        options=options,
+    )
+    init = InitFunction(
+        model,
+        config,
+        factors=factors,
+        model_class=model_class,
+        model_kwargs=model_kwargs,
+        lora_kwargs={"lora_dropout": lora_dropout, **(lora_config_kwargs or {})},
+        strict=strict,
+        device=device,
+        max_group_bytes=max_group_bytes,
+        revision=revision,
+        requested=requested if factors is not None else None,
+        use_cache=use_cache,
+        cache_dir=cache_dir,
+    )
+    if factors is not None and options:
+        raise ValueError(
+            f"Variant options {sorted(options)} have no effect with `factors=`: the factor set fixes them. "
+            "Drop them, or compute a new factor set (factors=None)."
+        )
+    return init

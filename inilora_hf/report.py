@@ -1,0 +1,98 @@
+"""Fit statistics of a factor set and the per-module init report of a model built from it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .fit import factor_mse, optimal_mse
+from .grouping import shape_groups, stack
+from .variants import ModuleFactors
+
+
+def fit_statistics(
+    weights: Mapping[str, torch.Tensor],
+    factors: Mapping[str, ModuleFactors],
+    scaling: float,
+    *,
+    with_optimum: bool,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Per module: `mse` = mean((s·B·A − W0)²), and with `with_optimum` the rank-r SVD optimum and the ratio.
+
+    Computed in fp32, batched by shape, without forming the (out, in) error matrix.
+    """
+    stats: dict[str, dict[str, float]] = {}
+    for names in shape_groups({n: tuple(w.shape) for n, w in weights.items()}):
+        target = stack(weights, names, device=device)
+        lora_B = torch.stack([factors[n].lora_B.float() for n in names]).to(device) * scaling
+        lora_A = torch.stack([factors[n].lora_A.float() for n in names]).to(device)
+        mse = factor_mse(target, lora_B, lora_A).cpu()
+        optimum = optimal_mse(target, lora_A.shape[1]).cpu() if with_optimum else None
+        for i, name in enumerate(names):
+            row = {"mse": float(mse[i])}
+            if optimum is not None:
+                row["optimal_mse"] = float(optimum[i])
+                row["mse_ratio"] = float(mse[i] / optimum[i]) if optimum[i] > 0 else float("nan")
+            stats[name] = row
+    return stats
+
+
+@dataclass
+class ModuleReport:
+    """One target module's line in the init report."""
+
+    name: str
+    shape: tuple[int, int]
+    storage_dtype: str
+    mse: float | None = None
+    optimal_mse: float | None = None
+    mse_ratio: float | None = None
+    reconstruction_max_abs: float = 0.0
+    reconstruction_rel: float = 0.0
+
+
+@dataclass
+class InitReport:
+    """What an init did to each target module.
+
+    `reconstruction_max_abs` is max|R + s·B·A − W0| with R, B, A as stored in the model (so it includes the
+    rounding of the storage dtype); `reconstruction_rel` is ‖R + s·B·A − W0‖ / ‖W0‖.
+    """
+
+    variant: str
+    rank: int
+    scaling: float
+    residual: bool
+    source: str
+    modules: list[ModuleReport] = field(default_factory=list)
+
+    @property
+    def max_reconstruction_error(self) -> float:
+        """The largest `reconstruction_max_abs` over modules."""
+        return max((m.reconstruction_max_abs for m in self.modules), default=0.0)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (for logs and trainer loggers)."""
+        return asdict(self)
+
+    def summary(self, max_rows: int = 12) -> str:
+        """A plain-text table, one row per module (the first `max_rows`), plus totals."""
+        lines = [
+            f"init: variant={self.variant} rank={self.rank} scaling={self.scaling:g} "
+            f"residual={'yes' if self.residual else 'no'} factors={self.source}",
+            f"{'module':<48} {'shape':>11} {'dtype':>9} {'fit MSE':>10} {'/optimum':>9} {'max|R+sBA-W0|':>14}",
+        ]
+        for module in self.modules[:max_rows]:
+            ratio = "" if module.mse_ratio is None else f"{module.mse_ratio:.4f}"
+            mse = "" if module.mse is None else f"{module.mse:.3e}"
+            lines.append(
+                f"{module.name[-48:]:<48} {'x'.join(map(str, module.shape)):>11} {module.storage_dtype:>9} "
+                f"{mse:>10} {ratio:>9} {module.reconstruction_max_abs:>14.3e}"
+            )
+        if len(self.modules) > max_rows:
+            lines.append(f"... {len(self.modules) - max_rows} more modules")
+        lines.append(f"max reconstruction error over {len(self.modules)} modules: {self.max_reconstruction_error:.3e}")
+        return "\n".join(lines)

@@ -1,0 +1,20 @@
+"""Init variants: the registry plus the built-in families (random, approximation, SVD)."""
+
+from . import approximation, random, svd  # noqa: F401  (registers the built-in variants)
+from .registry import (
+    ModuleFactors,
+    VariantInputs,
+    VariantSpec,
+    available_variants,
+    get_variant,
+    register_variant,
+)
+
+__all__ = [
+    "ModuleFactors",
+    "VariantInputs",
+    "VariantSpec",
+    "available_variants",
+    "get_variant",
+    "register_variant",
+]

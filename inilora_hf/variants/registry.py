@@ -1,0 +1,172 @@
+"""The variant registry: names → functions that turn target weights into LoRA factors.
+
+A variant never touches PEFT, files or the model: it receives fp32 weight matrices (and, for data-driven
+variants, calibration statistics) and returns the initial `lora_A` / `lora_B` of every target module.
+Whether the base weight is replaced by the residual `R = W0 − s·B·A` is a property of the variant
+(`residual=True`), applied uniformly by `inilora_hf.apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ..config import InitConfig
+
+
+@dataclass
+class ModuleFactors:
+    """Initial LoRA factors of one Linear module, in PEFT's layout.
+
+    Attributes:
+        lora_A: `(r, in_features)`.
+        lora_B: `(out_features, r)`.
+        extra: Variant-specific tensors saved alongside (e.g. a LoRA-XS core), keyed by a short name.
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class VariantInputs:
+    """What a variant's `compute` function receives.
+
+    Attributes:
+        weights: Module name (as in the plain transformers model, e.g. `model.layers.0.self_attn.q_proj`) →
+            its base weight `W0` as an fp32 `(out, in)` tensor on the CPU.
+        config: The resolved `InitConfig` (rank, scaling, options with defaults filled in).
+        device: Where heavy computation should run (`cuda` when available, unless the user chose otherwise).
+        gradients: For variants registered with `needs_gradients=True`: module name → fp32 gradient of the
+            training loss w.r.t. `W0`, accumulated over the calibration samples.
+        max_group_bytes: Upper bound on the size of one batched stack of same-shape matrices (memory bound);
+            None stacks every same-shape matrix together. Never changes the result.
+    """
+
+    weights: Mapping[str, torch.Tensor]
+    config: InitConfig
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    gradients: Mapping[str, torch.Tensor] | None = None
+    max_group_bytes: int | None = None
+
+
+VariantFn = Callable[[VariantInputs], dict[str, ModuleFactors]]
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A registered variant: its function and how the rest of the pipeline must treat it."""
+
+    name: str
+    compute: VariantFn
+    residual: bool
+    defaults: Mapping[str, Any]
+    check: Callable[[dict[str, Any]], None] | None = None
+    description: str = ""
+    citation: str | None = None
+    needs_gradients: bool = False
+    approximates_weight: bool = False
+
+    def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Fill in defaults and validate `options`, raising a `ValueError` that lists the accepted names."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            accepted = ", ".join(sorted(self.defaults)) or "none"
+            raise ValueError(
+                f"Unknown option(s) {unknown} for variant {self.name!r}. Accepted options: {accepted}."
+            )
+        resolved = {**self.defaults, **options}
+        if self.check is not None:
+            self.check(resolved)
+        return resolved
+
+
+_REGISTRY: dict[str, VariantSpec] = {}
+
+
+def register_variant(
+    name: str,
+    *,
+    residual: bool = True,
+    defaults: Mapping[str, Any] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
+    description: str = "",
+    citation: str | None = None,
+    needs_gradients: bool = False,
+    approximates_weight: bool = False,
+    overwrite: bool = False,
+) -> Callable[[VariantFn], VariantFn]:
+    """Register an init variant under `name` (decorator).
+
+    The decorated function takes a `VariantInputs` and returns `{module_name: ModuleFactors}` for every
+    module in `inputs.weights`. Caching, Hub push/pull and conversion work for it without further code.
+
+    Args:
+        name: The name users pass as `variant=`.
+        residual: If True, the base weight becomes `W0 − s·B·A` so that the model is unchanged at init.
+        defaults: Every option the variant accepts, with its default (`seed` is customary for random inits).
+        check: Optional validator of the resolved options; raise `ValueError` with the fix in the message.
+        description: One line for `inilora-hf inspect` and model cards.
+        citation: BibTeX or a reference line for model cards.
+        needs_gradients: The variant reads `inputs.gradients` (calibration data is required).
+        approximates_weight: The factors approximate `W0`; the init report then includes the rank-r SVD optimum.
+        overwrite: Allow replacing an existing registration.
+
+    Example:
+        >>> import torch
+        >>> from inilora_hf import register_variant, ModuleFactors
+        >>> @register_variant("tiny-constant", residual=True, defaults={"value": 0.01})
+        ... def tiny_constant(inputs):
+        ...     r = inputs.config.rank
+        ...     v = inputs.config.options["value"]
+        ...     return {n: ModuleFactors(torch.full((r, w.shape[1]), v), torch.full((w.shape[0], r), v))
+        ...             for n, w in inputs.weights.items()}
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A variant name must be a non-empty string, got {name!r}.")
+
+    def decorator(fn: VariantFn) -> VariantFn:
+        if name in _REGISTRY and not overwrite and _REGISTRY[name].compute is not fn:
+            raise ValueError(f"A variant named {name!r} is already registered; pass overwrite=True to replace it.")
+        _REGISTRY[name] = VariantSpec(
+            name=name,
+            compute=fn,
+            residual=residual,
+            defaults=dict(defaults or {}),
+            check=check,
+            description=description,
+            citation=citation,
+            needs_gradients=needs_gradients,
+            approximates_weight=approximates_weight,
+        )
+        return fn
+
+    return decorator
+
+
+def get_variant(name: str) -> VariantSpec:
+    """Look up a registered variant, raising a `ValueError` that lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown init variant {name!r}. Known variants: {', '.join(available_variants())}. "
+            "Register your own with `@inilora_hf.register_variant(name)`."
+        ) from None
+
+
+def available_variants() -> list[str]:
+    """Names of all registered variants, sorted."""
+    return sorted(_REGISTRY)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `ValueError(message)` unless `condition`; keeps option validators one line per rule."""
+    if not condition:
+        raise ValueError(message)

@@ -1,0 +1,46 @@
+"""PiSSA and MiLoRA: the principal (largest) or minor (smallest) r singular triplets of W0, split evenly
+between B and A; the base weight becomes the residual W0 − s·B·A. Both are the IniLoRA paper's baselines."""
+
+from __future__ import annotations
+
+from ..fit import svd_factors
+from ..grouping import shape_groups, stack
+from .citations import MILORA, PISSA
+from .registry import ModuleFactors, VariantInputs, register_variant
+
+
+def singular_factors(inputs: VariantInputs, *, smallest: bool) -> dict[str, ModuleFactors]:
+    """Balanced SVD factors of every `W0 / s` (top-r, or bottom-r with `smallest=True`), batched by shape."""
+    scaling = inputs.config.scaling
+    targets = {name: weight.float() / scaling for name, weight in inputs.weights.items()}
+    factors = {}
+    for names in shape_groups({n: tuple(w.shape) for n, w in targets.items()}, max_bytes=inputs.max_group_bytes):
+        lora_B, lora_A = svd_factors(stack(targets, names, device=inputs.device), inputs.config.rank, smallest=smallest)
+        factors.update({n: ModuleFactors(lora_A[i].cpu(), lora_B[i].cpu()) for i, n in enumerate(names)})
+    return factors
+
+
+@register_variant(
+    "pissa",
+    residual=True,
+    defaults={},
+    description="PiSSA: top-r singular triplets of W0, balanced √S split; base weight becomes W0 − s·B·A.",
+    citation=PISSA,
+    approximates_weight=True,
+)
+def pissa(inputs: VariantInputs) -> dict[str, ModuleFactors]:
+    """Principal singular components (exact full SVD in fp32, as PEFT's `init_lora_weights="pissa"`)."""
+    return singular_factors(inputs, smallest=False)
+
+
+@register_variant(
+    "milora",
+    residual=True,
+    defaults={},
+    description="MiLoRA: bottom-r singular triplets of W0, balanced √S split; base weight becomes W0 − s·B·A.",
+    citation=MILORA,
+    approximates_weight=True,
+)
+def milora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
+    """Minor singular components: the r smallest singular values and their vectors."""
+    return singular_factors(inputs, smallest=True)
