@@ -18,6 +18,13 @@ from .errors import (
     TargetModuleError,
 )
 from .factors import FactorSet
+from .hub import (
+    FactorSetHubError,
+    FactorSetNotFoundError,
+    HubAuthenticationError,
+    download_factor_set,
+    push_factor_set,
+)
 from .model_init import InitFunction, inilora_init
 from .report import InitReport
 from .trl import SFTTrainer
@@ -28,7 +35,10 @@ __all__ = [
     "FactorSetCorruptError",
     "FactorSetError",
     "FactorSetFormatError",
+    "FactorSetHubError",
     "FactorSetMismatchError",
+    "FactorSetNotFoundError",
+    "HubAuthenticationError",
     "InitConfig",
     "InitFunction",
     "InitReport",
@@ -38,7 +48,9 @@ __all__ = [
     "VariantInputs",
     "__version__",
     "available_variants",
+    "download_factor_set",
     "get_variant",
     "inilora_init",
+    "push_factor_set",
     "register_variant",
 ]

@@ -1,4 +1,4 @@
-"""The `inilora-hf` console script: demo, compute, inspect."""
+"""The `inilora-hf` console script: demo, compute, inspect, push, pull."""
 
 from __future__ import annotations
 
@@ -106,6 +106,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .factors import FactorSet
+
+    factor_set = FactorSet.from_pretrained(args.path)
+    info = factor_set.push_to_hub(
+        args.repo_id, private=args.private or None, revision=args.revision, include_residual=args.include_residual
+    )
+    print(f"pushed {len(factor_set.factors)} modules to {info.repo_url.repo_id} (commit {info.oid})")
+    print(info.commit_url)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .factors import FactorSet
+    from .hub import download_factor_set
+
+    path = download_factor_set(args.repo_id, revision=args.revision)
+    FactorSet.from_pretrained(path)  # verifies every file against its recorded checksum
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `inilora-hf` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="inilora-hf", description=__doc__)
@@ -132,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="print a factor set's metadata and per-module fit statistics")
     inspect.add_argument("path", help="factor-set directory or Hub repo id")
     inspect.set_defaults(func=cmd_inspect)
+
+    push = commands.add_parser("push", help="upload a factor-set directory to a Hub repo, with a model card")
+    push.add_argument("path", help="factor-set directory (from `compute` or `save_pretrained`)")
+    push.add_argument("repo_id", help="Hub repo id, e.g. my-org/llama-3.2-1b-inilora-r8 (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    push.add_argument("--include-residual", action="store_true", help="also upload the stored residual R")
+    push.set_defaults(func=cmd_push)
+
+    pull = commands.add_parser("pull", help="download a factor set into the Hugging Face cache and print its path")
+    pull.add_argument("repo_id", help="Hub repo id of a factor set")
+    pull.add_argument("--revision", default=None, help="branch, tag or commit sha (default main)")
+    pull.set_defaults(func=cmd_pull)
     return parser
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import save_torch_state_dict
+from huggingface_hub import CommitInfo, save_torch_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -179,7 +179,9 @@ class FactorSet:
             directory,
             filename_pattern=WEIGHTS_PATTERN,
             max_shard_size=max_shard_size,
-            metadata={"format": "pt", "producer": "inilora_hf"},
+            # One key only: safetensors writes metadata keys in random order, and identical factor sets must give
+            # byte-identical files (checksums, no-op Hub pushes).
+            metadata={"format": "pt"},
         )
         files = sorted(p.name for p in directory.glob("factors*.safetensors*"))
         document = self.metadata()
@@ -209,8 +211,9 @@ class FactorSet:
             >>> fs = FactorSet.from_pretrained("org/llama-3-8b-inilora-r8", revision="main")   # doctest: +SKIP
         """
         path = Path(name_or_path)
+        source: dict[str, str] = {}
         if not path.is_dir():
-            from .hub import download_factor_set
+            from .hub import download_factor_set, hub_source
 
             path = download_factor_set(
                 str(name_or_path),
@@ -220,7 +223,37 @@ class FactorSet:
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
             )
-        return cls._load_directory(path)
+            source = hub_source(str(name_or_path), path)
+        factor_set = cls._load_directory(path)
+        factor_set.info.update(source)  # source_repo, source_revision (the resolved commit sha)
+        return factor_set
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+        endpoint: str | None = None,
+        include_residual: bool = False,
+        license: str | None = None,
+    ) -> CommitInfo:
+        """Upload to a Hub repo in one commit: factors, metadata, a model card and `init_adapter/` (a plain PEFT
+        adapter of the initial A/B). See `inilora_hf.hub.push_factor_set` for the options.
+
+        Example:
+            >>> info = fs.push_to_hub("my-org/llama-3.2-1b-inilora-r8", private=True)   # doctest: +SKIP
+            >>> FactorSet.from_pretrained("my-org/llama-3.2-1b-inilora-r8", revision=info.oid)  # doctest: +SKIP
+        """
+        from .hub import push_factor_set
+
+        return push_factor_set(
+            self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
+            create_pr=create_pr, endpoint=endpoint, include_residual=include_residual, license=license,
+        )
 
     @classmethod
     def _load_directory(cls, path: Path) -> FactorSet:

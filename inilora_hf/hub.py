@@ -30,6 +30,7 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -128,23 +129,25 @@ def push_factor_set(
             f"Pushing to {repo_id!r} on {api.endpoint} needs a Hugging Face token with write access, and none was "
             "found. Run `hf auth login`, set the HF_TOKEN environment variable, or pass token=."
         )
-    if not is_hub_id(factor_set.base_model):
-        logger.warning(
-            "The factor set's base model %r is not a Hub id: the model card and init_adapter/ will not name it. "
-            "Set `factor_set.base_model = 'org/name'` before pushing to link the base model.",
-            factor_set.base_model,
-        )
     with _translated_hub_errors("push", repo_id, revision, api.endpoint):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision not in (None, "main") and not create_pr:
             branches = {ref.name for ref in api.list_repo_refs(repo_id).branches}
             if revision not in branches:
                 api.create_branch(repo_id, branch=revision)
-        if license is None:
+        link_base_model = _base_model_on_hub(api, factor_set)
+        if license is None and link_base_model:
             license = _base_model_license(api, factor_set)
         with tempfile.TemporaryDirectory(prefix="inilora-push-") as tmp:
             folder = Path(tmp)
-            write_repo_folder(factor_set, folder, repo_id, include_residual=include_residual, license=license)
+            write_repo_folder(
+                factor_set,
+                folder,
+                repo_id,
+                include_residual=include_residual,
+                license=license,
+                link_base_model=link_base_model,
+            )
             additions = sorted(
                 (path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()),
             )
@@ -173,8 +176,12 @@ def write_repo_folder(
     *,
     include_residual: bool = False,
     license: str | None = None,
+    link_base_model: bool = True,
 ) -> Path:
     """Write the files of a factor-set repo into `folder` (what `push_factor_set` uploads).
+
+    `link_base_model=False` keeps `base_model` out of the card's metadata (the Hub rejects a card whose
+    `base_model` is not an existing model).
 
     Example:
         >>> write_repo_folder(factor_set, "./repo", "my-org/llama-inilora-r8")   # doctest: +SKIP
@@ -193,7 +200,7 @@ def write_repo_folder(
             sorted(_extra_names(factor_set)),
             ADAPTER_SUBFOLDER,
         )
-    factor_set_card(factor_set, repo_id, license=license).save(folder / "README.md")
+    factor_set_card(factor_set, repo_id, license=license, link_base_model=link_base_model).save(folder / "README.md")
     return folder
 
 
@@ -331,6 +338,10 @@ def _translated_hub_errors(action: str, repo_id: str, revision: str | None, endp
         yield
     except FactorSetError:
         raise
+    except HFValidationError as error:
+        raise FactorSetNotFoundError(
+            f"{repo_id!r} is neither an existing directory nor a valid Hub repo id ('org/name'): {error}"
+        ) from error
     except GatedRepoError as error:
         raise FactorSetNotFoundError(
             f"{repo_id!r} on {endpoint} is gated: accept its conditions on the repo page, then pass a token "
@@ -382,14 +393,25 @@ def _stale_files(api: HfApi, repo_id: str, revision: str | None, keep: set[str])
     return [path for path in existing if _MANAGED_FILE.fullmatch(path) and path not in keep]
 
 
-def _base_model_license(api: HfApi, factor_set: FactorSet) -> str | None:
-    """The license declared in the base model's card, if it is a Hub repo whose card can be read."""
-    from huggingface_hub import ModelCard
-
+def _base_model_on_hub(api: HfApi, factor_set: FactorSet) -> bool:
+    """Whether the recorded base model is an existing Hub repo (only then may the card's YAML name it)."""
     from .model_card import is_hub_id
 
-    if not is_hub_id(factor_set.base_model):
-        return None
+    if is_hub_id(factor_set.base_model) and api.repo_exists(factor_set.base_model):
+        return True
+    logger.warning(
+        "The factor set's base model %r is not a model on %s: the model card will not link it. Set "
+        "`factor_set.base_model = 'org/name'` (its Hub id) before pushing to place the repo in the base model's tree.",
+        factor_set.base_model,
+        api.endpoint,
+    )
+    return False
+
+
+def _base_model_license(api: HfApi, factor_set: FactorSet) -> str | None:
+    """The license declared in the base model's card, when that card can be read."""
+    from huggingface_hub import ModelCard
+
     try:
         readme = api.hf_hub_download(factor_set.base_model, "README.md", revision=factor_set.base_revision)
         return ModelCard.load(readme, ignore_metadata_errors=True).data.get("license")

@@ -33,7 +33,9 @@ def is_hub_id(name: str | None) -> bool:
     return not os.path.exists(name)
 
 
-def factor_set_card(factor_set: FactorSet, repo_id: str, *, license: str | None = None) -> ModelCard:
+def factor_set_card(
+    factor_set: FactorSet, repo_id: str, *, license: str | None = None, link_base_model: bool = True
+) -> ModelCard:
     """The model card of a factor-set repo.
 
     YAML metadata: `base_model` (when the recorded base model is a Hub id) with `base_model_relation: adapter`,
@@ -45,6 +47,8 @@ def factor_set_card(factor_set: FactorSet, repo_id: str, *, license: str | None 
         factor_set: The factor set the repo holds.
         repo_id: The repo's id (used in the usage snippets).
         license: A Hub license id (e.g. `"apache-2.0"`, `"llama3.2"`); usually the base model's.
+        link_base_model: Put the base model's Hub id in the YAML metadata (`push_factor_set` turns this off when
+            the base model does not exist on the Hub, which would make the Hub reject the card).
 
     Example:
         >>> card = factor_set_card(factor_set, "my-org/llama-3.2-1b-inilora-r8", license="llama3.2")  # doctest: +SKIP
@@ -54,7 +58,7 @@ def factor_set_card(factor_set: FactorSet, repo_id: str, *, license: str | None 
     """
     config = factor_set.config
     spec = get_variant(config.variant)
-    base = factor_set.base_model if is_hub_id(factor_set.base_model) else None
+    base = factor_set.base_model if link_base_model and is_hub_id(factor_set.base_model) else None
     tags = list(dict.fromkeys(["inilora", "lora", "peft", config.variant, "lora-initialization"]))
     data = ModelCardData(
         base_model=base,
@@ -75,7 +79,7 @@ def factor_set_card(factor_set: FactorSet, repo_id: str, *, license: str | None 
     )
     sections = [
         _intro(factor_set, repo_id, base),
-        _usage(factor_set, repo_id, base),
+        _usage(factor_set, repo_id),
         _configuration(factor_set),
         _statistics(factor_set),
         _provenance(factor_set),
@@ -88,6 +92,8 @@ def factor_set_card(factor_set: FactorSet, repo_id: str, *, license: str | None 
 def _base_label(factor_set: FactorSet, base: str | None) -> str:
     if base:
         return f"[{base}](https://huggingface.co/{base})"
+    if is_hub_id(factor_set.base_model):
+        return f"`{factor_set.base_model}`"
     if factor_set.base_model:
         return f"`{PurePosixPath(str(factor_set.base_model)).name}` (a local model)"
     return "an unnamed base model"
@@ -124,11 +130,14 @@ initialisation is computed once and reused across runs. {spec.description}
 """
 
 
-def _usage(factor_set: FactorSet, repo_id: str, base: str | None) -> str:
+def _usage(factor_set: FactorSet, repo_id: str) -> str:
     config = factor_set.config
     spec = get_variant(config.variant)
-    base_ref = base or f"path/to/{PurePosixPath(str(factor_set.base_model or 'base-model')).name}"
-    revision = f", revision={json.dumps(factor_set.base_revision)}" if base and factor_set.base_revision else ""
+    hub_base = is_hub_id(factor_set.base_model)
+    # Never publish a local path: name the directory only.
+    local_name = PurePosixPath(str(factor_set.base_model or "base-model")).name
+    base_ref = factor_set.base_model if hub_base else f"path/to/{local_name}"
+    revision = f", revision={json.dumps(factor_set.base_revision)}" if hub_base and factor_set.base_revision else ""
     if spec.residual:
         plain = f"""
 import math
@@ -230,9 +239,11 @@ def _statistics(factor_set: FactorSet) -> str:
         lines += ["| module type | modules | mean mse | mean ratio | worst ratio |", "|---|---:|---:|---:|---:|"]
         for kind, rows in sorted(by_type.items()):
             ratios = [r["mse_ratio"] for r in rows if r.get("mse_ratio") is not None and not math.isnan(r["mse_ratio"])]
+            mean_ratio = sum(ratios) / len(ratios) if ratios else None
+            worst_ratio = max(ratios) if ratios else None
             lines.append(
                 f"| `{kind}` | {len(rows)} | {_number(sum(r['mse'] for r in rows) / len(rows))} | "
-                f"{_number(sum(ratios) / len(ratios) if ratios else None)} | {_number(max(ratios) if ratios else None)} |"
+                f"{_number(mean_ratio)} | {_number(worst_ratio)} |"
             )
         lines.append("")
     lines += ["| module | shape | mse | optimal_mse | ratio |", "|---|---|---:|---:|---:|"]

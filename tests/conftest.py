@@ -55,6 +55,10 @@ def _isolate_huggingface_hub(mp: pytest.MonkeyPatch, url: str, home: Path) -> No
     for name, value in patches.items():
         mp.setattr(constants, name, value)
     mp.setattr(_cache_manager, "HF_HUB_CACHE", hub_cache)  # copied by name at import
+    # Module-level helpers such as `huggingface_hub.file_exists` (used by PEFT) are bound to an HfApi made at import.
+    from huggingface_hub import hf_api
+
+    mp.setattr(hf_api.api, "endpoint", url)
     # The agent-harness registry is fetched from {ENDPOINT} once per process; never from the real Hub.
     mp.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
 

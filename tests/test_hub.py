@@ -35,9 +35,9 @@ INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_se
 HF_CLI = str(Path(sys.executable).with_name("hf"))
 
 
-def _factor_set(base_dir: Path, tmp: Path, **options) -> FactorSet:
-    options = {"variant": "inilora", "steps": 200, **options}
-    factor_set = inilora_init(base_dir, cache_dir=tmp, **options).prepare()
+def _factor_set(base_dir: Path, tmp: Path, variant: str = "inilora") -> FactorSet:
+    options = {"steps": 200} if variant == "inilora" else {}
+    factor_set = inilora_init(base_dir, variant=variant, cache_dir=tmp, **options).prepare()
     factor_set.base_model = BASE_ID
     return factor_set
 
@@ -50,8 +50,8 @@ def factor_set(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def other_factor_set(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FactorSet:
-    """A second, different factor set for the same base (another seed)."""
-    return _factor_set(tiny_base_dir, tmp_path_factory.mktemp("factor-cache-2"), seed=1)
+    """A second, different factor set for the same base (PiSSA: deterministic and fast)."""
+    return _factor_set(tiny_base_dir, tmp_path_factory.mktemp("factor-cache-2"), variant="pissa")
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -91,6 +91,8 @@ def test_push_hf_download_and_reload_reproduce_the_init(hub, factor_set: FactorS
     assert folder.is_relative_to(hub.cache_dir) and folder.name == info.oid
     downloaded = FactorSet.from_pretrained(folder)
     _assert_same_tensors(downloaded, factor_set)
+    with hub.offline():  # what `hf download` cached is enough for a pull by repo id
+        assert download_factor_set(REPO) == folder
     assert downloaded.config == factor_set.config and downloaded.stats == factor_set.stats
 
     expected = _logits(inilora_init(tiny_base_dir, factors=factor_set)())
@@ -113,6 +115,21 @@ def test_pushing_the_same_factor_set_again_creates_no_commit(hub, factor_set: Fa
     assert len(hub.store.repo(REPO).history()) == 2
 
 
+def test_push_replaces_files_of_an_earlier_factor_set(hub, factor_set: FactorSet) -> None:
+    hub.api.create_repo(REPO)
+    for stale in ("factors-00001-of-00002.safetensors", "factors.safetensors.index.json", "init_adapter/old.bin"):
+        hub.api.upload_file(repo_id=REPO, path_or_fileobj=b"old", path_in_repo=stale)
+    hub.api.upload_file(repo_id=REPO, path_or_fileobj=b"mine", path_in_repo="NOTES.md")
+    commits = len(hub.store.repo(REPO).history())
+
+    push_factor_set(factor_set, REPO)
+    assert len(hub.store.repo(REPO).history()) == commits + 1
+    assert sorted(hub.store.repo(REPO).files()) == [
+        ".gitattributes", "NOTES.md", "README.md", "factors.safetensors", "inilora_factors.json",
+        "init_adapter/adapter_config.json", "init_adapter/adapter_model.safetensors",
+    ]
+
+
 def test_explicit_endpoint_and_token_are_used(hub, factor_set: FactorSet, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
@@ -120,10 +137,10 @@ def test_explicit_endpoint_and_token_are_used(hub, factor_set: FactorSet, monkey
     monkeypatch.delenv("HF_TOKEN")
     info = push_factor_set(factor_set, REPO, endpoint=hub.url, token=hub.token, private=True)
     assert info.oid == hub.store.repo(REPO).head().oid and hub.store.repo(REPO).private
+    with pytest.raises(FactorSetNotFoundError, match="not found.*private repo"):  # invisible without a token
+        download_factor_set(REPO, endpoint=hub.url, token=False)
     path = download_factor_set(REPO, endpoint=hub.url, token=hub.token)
     assert snapshot_commit(path) == info.oid
-    with pytest.raises(FactorSetNotFoundError, match="not found"):  # private: invisible without a token
-        download_factor_set(REPO, endpoint=hub.url, token=False)
 
 
 # ------------------------------------------------------------------------------------------ plain PEFT
@@ -181,14 +198,18 @@ def test_pull_by_commit_returns_that_revisions_factors(
     hub, factor_set: FactorSet, other_factor_set: FactorSet
 ) -> None:
     old = push_factor_set(factor_set, REPO)
-    new = push_factor_set(other_factor_set, REPO, commit_message="seed 1")
+    new = push_factor_set(other_factor_set, REPO, commit_message="PiSSA instead")
     assert old.oid != new.oid
     assert [c.oid for c in hub.store.repo(REPO).history()][:2] == [new.oid, old.oid]
-    assert hub.store.repo(REPO).head().title == "seed 1"
+    assert hub.store.repo(REPO).head().title == "PiSSA instead"
 
     _assert_same_tensors(FactorSet.from_pretrained(REPO, revision=old.oid), factor_set)
     _assert_same_tensors(FactorSet.from_pretrained(REPO), other_factor_set)
     assert FactorSet.from_pretrained(REPO, revision=old.oid).info["source_revision"] == old.oid
+
+    pr = push_factor_set(factor_set, REPO, create_pr=True)
+    assert pr.pr_url and hub.store.repo(REPO).head().oid == new.oid, "a pull request leaves main alone"
+    _assert_same_tensors(FactorSet.from_pretrained(REPO, revision="refs/pr/1"), factor_set)
 
     branch = push_factor_set(factor_set, REPO, revision="experiment")  # branch created from main on demand
     assert hub.store.repo(REPO).branches["experiment"] == branch.oid
@@ -222,8 +243,15 @@ def test_offline_works_after_one_pull_and_fails_clearly_before(
 # ------------------------------------------------------------------------------------------ model card
 
 
-def test_model_card_metadata_and_body(hub, factor_set: FactorSet) -> None:
-    push_factor_set(factor_set, REPO, license="mit")
+def test_model_card_metadata_and_body(hub, factor_set: FactorSet, tiny_base_dir: Path) -> None:
+    # The Hub rejects a card whose base_model does not exist: unlinked until the base model is published.
+    push_factor_set(factor_set, REPO)
+    card = ModelCard.load(hub.api.hf_hub_download(REPO, "README.md"))
+    assert card.data.base_model is None and card.data.get("base_model_relation") is None
+    assert f"`{BASE_ID}`" in card.text and f'from_pretrained("{BASE_ID}"' in card.text
+
+    _upload_base_model(hub, tiny_base_dir)
+    push_factor_set(factor_set, REPO, license="mit")  # an explicit license wins over the base model's
     card = ModelCard.load(hub.api.hf_hub_download(REPO, "README.md"))
     assert card.content.startswith("---\n")
     assert card.data.base_model == BASE_ID
@@ -252,11 +280,17 @@ def test_model_card_for_local_base_and_huge_models(factor_set: FactorSet) -> Non
 
     names = [f"model.layers.{i}.self_attn.{kind}" for i in range(40) for kind in ("q_proj", "v_proj")]
     stats = {n: {"mse": 1.0, "optimal_mse": 0.5, "mse_ratio": 2.0} for n in names}
-    huge = dataclasses.replace(factor_set, stats=stats, fingerprints={n: {"shape": [64, 64]} for n in names})
+    fingerprints = {n: {"shape": [64, 64], "sha256": "0" * 64} for n in names}
+    huge = dataclasses.replace(factor_set, stats=stats, fingerprints=fingerprints)
     text = factor_set_card(huge, "me/x").text
     assert sum(line.startswith("| `model.layers.") for line in text.splitlines()) == MAX_TABLE_ROWS
     assert f"and {len(names) - MAX_TABLE_ROWS} more modules" in text
     assert "| `q_proj` | 40 |" in text  # per-module-type summary
+
+    plain_lora = dataclasses.replace(factor_set, config=InitConfig("lora", target_modules=["q_proj", "v_proj"]))
+    text = factor_set_card(plain_lora, "me/x").text
+    assert "W <- W - s" not in text and 'subfolder="init_adapter"' in text  # nothing to subtract: base unchanged
+    assert "W <- W - s" in factor_set_card(factor_set, "me/x").text
 
 
 # ------------------------------------------------------------------------------------------ residual option
@@ -288,6 +322,8 @@ def test_residual_is_uploaded_only_when_asked(hub, factor_set: FactorSet, tiny_b
 def test_missing_repo_and_revision_name_the_repo(hub, factor_set: FactorSet) -> None:
     with pytest.raises(FactorSetNotFoundError, match=r"'tester/nope' was not found on http://127\.0\.0\.1"):
         FactorSet.from_pretrained("tester/nope")
+    with pytest.raises(FactorSetNotFoundError, match="neither an existing directory nor a valid Hub repo id"):
+        FactorSet.from_pretrained("./no/such/factors")
     push_factor_set(factor_set, REPO)
     with pytest.raises(FactorSetNotFoundError, match=r"Revision 'v9' does not exist in 'tester/tiny-llama-inilora"):
         FactorSet.from_pretrained(REPO, revision="v9")
@@ -324,6 +360,20 @@ def test_push_without_token(hub, factor_set: FactorSet, monkeypatch: pytest.Monk
     assert hub.store.repos == {}, "nothing may be created without a token"
     with pytest.raises(HubAuthenticationError):
         push_factor_set(factor_set, "tester/x", token=False)
+
+
+def test_push_with_a_refused_token(hub, factor_set: FactorSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def refuse(self, repo_id, **kwargs):
+        response = httpx2.Response(401, request=httpx2.Request("POST", f"{self.endpoint}/api/repos/create"))
+        raise HfHubHTTPError("401 Client Error: Unauthorized", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    with pytest.raises(HubAuthenticationError, match=r"refused the token.*'tester/x'.*HTTP 401.*write access"):
+        push_factor_set(factor_set, "tester/x")
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -33,12 +33,17 @@ def module_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def mean_by_type(stds: dict[str, float]) -> dict[str, float]:
+    """σ̄ per module type from per-matrix stds: the mean over the layers of that type (paper eq. 2)."""
+    pooled: dict[str, list[float]] = {}
+    for name, std in stds.items():
+        pooled.setdefault(module_type(name), []).append(std)
+    return {kind: sum(values) / len(values) for kind, values in pooled.items()}
+
+
 def mean_std_by_type(weights: dict[str, torch.Tensor]) -> dict[str, float]:
     """σ̄ per module type: the mean over layers of each matrix's (unbiased) standard deviation (paper eq. 1-2)."""
-    stds: dict[str, list[float]] = {}
-    for name, weight in weights.items():
-        stds.setdefault(module_type(name), []).append(weight.float().std().item())
-    return {kind: sum(values) / len(values) for kind, values in stds.items()}
+    return mean_by_type({name: weight.float().std().item() for name, weight in weights.items()})
 
 
 def _check(options: dict) -> None:
@@ -96,7 +101,9 @@ def inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     if options["solver"] == "svd":
         return singular_factors(inputs, smallest=False)
 
-    sigmas = mean_std_by_type(targets) if options["sigma"] is None else None
+    sigmas = None
+    if options["sigma"] is None:
+        sigmas = inputs.std_by_type if inputs.std_by_type is not None else mean_std_by_type(targets)
     logger.info("IniLoRA init std σ̄ per module type: %s", sigmas or options["sigma"])
 
     def fill(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, generator: torch.Generator) -> None:

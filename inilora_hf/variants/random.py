@@ -1,11 +1,13 @@
 """Random inits: PEFT's `lora` / `gaussian` (B = 0, base untouched) and IniLoRA-α / IniLoRA-β (residual).
 
-Every draw comes from one `torch.Generator` seeded with the `seed` option, module by module in sorted
-name order (A first, then B), so a factor set is reproducible and independent of batching.
+Each module draws from its own `torch.Generator`, seeded from the `seed` option and the module's name, so a
+factor set is reproducible and independent of batching, of module order, and of which subset of modules
+is computed at once (the streamed `compute` relies on that).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 
@@ -22,16 +24,26 @@ def _check_seed(options: dict) -> None:
     require(isinstance(options["seed"], int), f"`seed` must be an integer, got {options['seed']!r}.")
 
 
+def module_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from `(seed, module name)`: the same draws wherever and whenever the module is drawn.
+
+    Example:
+        >>> torch.equal(torch.randn(3, generator=module_generator(0, "q")), torch.randn(3, generator=module_generator(0, "q")))
+        True
+    """
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def draw_factors(inputs: VariantInputs, fill: DrawFn) -> dict[str, ModuleFactors]:
     """Allocate fp32 A `(r, in)` and B `(out, r)` per module and let `fill(name, A, B, generator)` draw them."""
-    generator = torch.Generator().manual_seed(inputs.config.options["seed"])
     rank = inputs.config.rank
     factors = {}
     for name in sorted(inputs.weights):
         out_features, in_features = inputs.weights[name].shape
         lora_A = torch.empty(rank, in_features)
         lora_B = torch.empty(out_features, rank)
-        fill(name, lora_A, lora_B, generator)
+        fill(name, lora_A, lora_B, module_generator(inputs.config.options["seed"], name))
         factors[name] = ModuleFactors(lora_A, lora_B)
     return factors
 

@@ -46,6 +46,9 @@ class VariantInputs:
             training loss w.r.t. `W0`, accumulated over the calibration samples.
         max_group_bytes: Upper bound on the size of one batched stack of same-shape matrices (memory bound);
             None stacks every same-shape matrix together. Never changes the result.
+        std_by_type: Per module type (`q_proj`, ...), the mean over ALL target layers of the per-matrix std of
+            `W0 / s`. Set when `weights` holds only a subset of the targets (streamed computation), so that
+            statistics pooled across layers stay those of the whole model.
     """
 
     weights: Mapping[str, torch.Tensor]
@@ -53,6 +56,7 @@ class VariantInputs:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     gradients: Mapping[str, torch.Tensor] | None = None
     max_group_bytes: int | None = None
+    std_by_type: Mapping[str, float] | None = None
 
 
 VariantFn = Callable[[VariantInputs], dict[str, ModuleFactors]]
