@@ -11,10 +11,14 @@ from .log import get_logger
 
 from .factors import RESIDUAL_KEY, FactorSet
 from .report import InitReport, ModuleReport
+from .quantized import bnb_bits, fidelity, store_quantized
 from .targets import read_weight
 from .variants import get_variant
 
 logger = get_logger(__name__)
+
+# Warn when the quantized init is this many times further from W0 than plain QLoRA's Q(W0).
+QUANTIZED_WARN_RATIO = 2.0
 
 
 def lora_config_for(factor_set: FactorSet, **lora_kwargs) -> LoraConfig:
@@ -96,24 +100,46 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
             f"Factor shapes of {name!r} (A {tuple(factors.lora_A.shape)}, B {tuple(factors.lora_B.shape)}) do not fit "
             f"the LoRA layer (A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)})."
         )
+    quantized = bnb_bits(base) is not None and residual
+    if quantized and RESIDUAL_KEY not in factors.extra:
+        raise ValueError(
+            f"{name!r} is a {bnb_bits(base)}-bit layer, but the factor set stores no residual. Build it through "
+            "inilora_init(..., quantization_config=...) or a factor set pushed with include_residual=True."
+        )
+    quantization = factor_set.config.quantization
+    adapter_dtype = getattr(torch, quantization["adapter_dtype"]) if bnb_bits(base) and quantization else None
     with gather_params_ctx(base.weight):
-        weight = read_weight(base)
-        lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=lora_A.dtype, copy=True).contiguous()
-        lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=lora_B.dtype, copy=True).contiguous()
+        weight = None if quantized else read_weight(base)
+        lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=adapter_dtype or lora_A.dtype).contiguous()
+        lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=adapter_dtype or lora_B.dtype).contiguous()
         delta = scaling * (lora_B.float() @ lora_A.float())
         if residual:
             stored = factors.extra.get(RESIDUAL_KEY)
-            target = (weight - delta) if stored is None else stored.to(weight.device, torch.float32)
-            base.weight.data = target.to(base.weight.dtype)
+            target = (weight - delta) if stored is None else stored.to(delta.device, torch.float32)
+            if quantized:
+                weight = target + delta  # W0 as recorded (fp32): R was computed from these very factors
+                store_quantized(base, target)
+            else:
+                base.weight.data = target.to(base.weight.dtype)
         effective = read_weight(base) + delta
         error = effective - weight
-    return ModuleReport(
+    report = ModuleReport(
         name=name,
         shape=tuple(weight.shape),
-        storage_dtype=str(base.weight.dtype).removeprefix("torch."),
+        storage_dtype=f"bnb-{bnb_bits(base)}bit" if bnb_bits(base) else str(base.weight.dtype).removeprefix("torch."),
         mse=factor_set.stats.get(name, {}).get("mse"),
         optimal_mse=factor_set.stats.get(name, {}).get("optimal_mse"),
         mse_ratio=factor_set.stats.get(name, {}).get("mse_ratio"),
         reconstruction_max_abs=float(error.abs().max()),
         reconstruction_rel=float(error.norm() / weight.norm().clamp_min(1e-30)),
     )
+    if quantized:
+        quality = fidelity(weight, effective - delta, delta, factor_set.config.quantization)
+        report.quantized_init_error, report.qlora_error = quality.init_error, quality.qlora_error
+        if quality.ratio > QUANTIZED_WARN_RATIO:
+            logger.warning(
+                "%s: the quantized init is %.1f× further from W0 than plain QLoRA (‖Q(R) + s·B·A − W0‖/‖W0‖ = %.3g vs "
+                "‖Q(W0) − W0‖/‖W0‖ = %.3g). Consider refine_steps>0, a smaller init scale, or a full-precision base.",
+                name, quality.ratio, quality.init_error, quality.qlora_error,
+            )
+    return report

@@ -45,6 +45,9 @@ class InitConfig:
             with the variant's defaults so that two configs that mean the same thing hash the same.
         dtype: Dtype the factors are computed in (`"float32"` by default; residuals are always computed in
             at least fp32).
+        quantization: For bitsandbytes bases: the layers' quantization settings (`bits`, `quant_type`,
+            `blocksize`, ...), the dtype the adapters train in (`adapter_dtype`, bf16 as in QLoRA) and the
+            number of LoftQ-style refinement rounds (`refine_steps`). None for full-precision bases.
 
     Example:
         >>> cfg = InitConfig("inilora", rank=8, options={"steps": 2000})
@@ -61,6 +64,7 @@ class InitConfig:
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
     options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
+    quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from .variants import get_variant  # the registry imports this module
@@ -77,6 +81,13 @@ class InitConfig:
         if self.dtype not in _FIT_DTYPES:
             raise ValueError(f"`dtype` must be one of {_FIT_DTYPES}, got {self.dtype!r}.")
         self.options = spec.resolve_options(self.options)
+        if self.quantization is not None:
+            self.quantization = {"adapter_dtype": "bfloat16", "refine_steps": 0, **self.quantization}
+            steps = self.quantization["refine_steps"]
+            if not isinstance(steps, int) or steps < 0:
+                raise ValueError(f"`refine_steps` must be a non-negative integer, got {steps!r}.")
+            if self.quantization.get("bits") not in (4, 8):
+                raise ValueError(f"`quantization['bits']` must be 4 or 8, got {self.quantization.get('bits')!r}.")
 
     @property
     def scaling(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,12 +16,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .log import get_logger
 
 from .apply import wrap_with_factors
-from .compute import compute_factor_set, default_device, model_fingerprints, target_weights
+from .compute import compute_factor_set, default_device, model_fingerprints
 from .config import InitConfig, normalize_targets
 from .cache import get_or_build
 from .checkpoint import attach_init_metadata
 from .factors import FactorSet
-from .fingerprint import model_key
+from .fingerprint import model_key, weight_fingerprint
+from .quantized import layer_settings, quantization_ready
+from .targets import check_rank, find_target_linears, read_weight
 
 logger = get_logger(__name__)
 
@@ -58,6 +61,7 @@ class InitFunction:
         requested: dict[str, Any] | None = None,
         use_cache: bool = True,
         cache_dir: str | os.PathLike | None = None,
+        quantization_options: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(model, PeftModel):
             raise TypeError(
@@ -81,6 +85,7 @@ class InitFunction:
         self._requested = requested or {}
         self._verified = False
         self._use_cache = use_cache
+        self._quantization_options = quantization_options or {}
         self._cache_dir = cache_dir
 
     @property
@@ -104,23 +109,51 @@ class InitFunction:
         if self._verified:
             return self.factor_set
         base = self.load_base_model() if base is None else base
-        fingerprints = model_fingerprints(base, self.config)
+        weights, fingerprints = self._reference_weights(base)
         if self.factor_set is None and self._factors_source is not None:
             self.factor_set = FactorSet.from_pretrained(self._factors_source)
             self.factor_source = str(self._factors_source)
         if self.factor_set is None:
-            self.factor_set, self.factor_source = self._compute_or_load_cached(base, fingerprints)
+            self.factor_set, self.factor_source = self._compute_or_load_cached(weights, fingerprints)
         else:
             self._check_factor_set(fingerprints)
+            if self.config.quantization is not None and not self.factor_set.has_residual:
+                self.factor_set.factors = quantization_ready(self.factor_set.factors, weights, self.config)
         self._verified = True
         return self.factor_set
 
-    def _compute_or_load_cached(self, base: nn.Module, fingerprints: dict[str, dict]) -> tuple[FactorSet, str]:
+    def _reference_weights(self, base: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """fp32 target weights W0 and their fingerprints. For a bitsandbytes base, W0 is the full-precision
+        checkpoint (loaded once, targets only kept) and the config records the layers' quantization settings."""
+        modules = find_target_linears(base, self.config.target_modules)
+        check_rank(modules, self.config.rank)
+        settings = [layer_settings(m) for m in modules.values()]
+        if settings[0]["bits"] is None:
+            return {n: read_weight(m) for n, m in modules.items()}, model_fingerprints(base, self.config)
+        if any(s != settings[0] for s in settings):
+            raise ValueError("The target layers of this quantized model use different quantization settings.")
+        self.config = replace(self.config, quantization={**settings[0], **self._quantization_options})
+        if isinstance(self._model, nn.Module):
+            logger.warning(
+                "The base model is already quantized: the factors are computed from its dequantized weights. Pass "
+                "the model's id or directory with `quantization_config=` to compute them from full precision."
+            )
+            weights = {n: read_weight(m) for n, m in modules.items()}
+        else:
+            kwargs = {k: v for k, v in self._model_kwargs.items() if k not in ("quantization_config", "device_map")}
+            full = self._model_class.from_pretrained(self._model, **{**kwargs, "dtype": torch.float32})
+            weights = {n: read_weight(m).clone() for n, m in find_target_linears(full, self.config.target_modules).items()}
+            del full
+        return weights, {n: weight_fingerprint(w) for n, w in weights.items()}
+
+    def _compute_or_load_cached(
+        self, weights: dict[str, torch.Tensor], fingerprints: dict[str, dict]
+    ) -> tuple[FactorSet, str]:
         """Compute the factor set, through the local cache unless `use_cache=False`."""
 
         def compute() -> FactorSet:
-            return compute_factor_set(
-                target_weights(base, self.config),
+            factor_set = compute_factor_set(
+                weights,
                 self.config,
                 fingerprints=fingerprints,
                 base_model=self.base_model_name,
@@ -128,6 +161,9 @@ class InitFunction:
                 device=self._device if self._device is not None else default_device(),
                 max_group_bytes=self._max_group_bytes,
             )
+            if self.config.quantization is not None:
+                factor_set.factors = quantization_ready(factor_set.factors, weights, self.config)
+            return factor_set
 
         if not self._use_cache:
             return compute(), "computed"
@@ -153,7 +189,14 @@ class InitFunction:
                     f"The factor set was computed with {field}={getattr(stored, field)!r}, but inilora_init was "
                     f"called with {field}={value!r}. Drop the argument, or compute a new factor set (factors=None)."
                 )
-        self.config = stored
+        requested_quantization = self.config.quantization
+        if stored.quantization is not None and requested_quantization != stored.quantization:
+            raise ValueError(
+                f"The factor set was computed for a quantized base with {stored.quantization}, but this model's "
+                f"target layers use {requested_quantization}. Load the model with the same BitsAndBytesConfig "
+                "(and refine_steps / adapter_dtype), or compute a new factor set (factors=None)."
+            )
+        self.config = replace(stored, quantization=requested_quantization)
         if self._strict:
             self.factor_set.check_compatible(fingerprints)
 
@@ -186,6 +229,9 @@ def inilora_init(
     max_group_bytes: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
+    quantization_config: Any = None,
+    refine_steps: int = 0,
+    adapter_dtype: str = "bfloat16",
     **options: Any,
 ) -> InitFunction:
     """Create a `model_init` callable that returns a LoRA `PeftModel` initialised with `variant`.
@@ -211,6 +257,13 @@ def inilora_init(
         device: Where to compute the factors (default: CUDA if available, else CPU).
         max_group_bytes: Memory bound for one batched group of same-shape matrices during the fit.
         cache_dir: Local factor-set cache (default `$INILORA_HF_CACHE`, else `$HF_HOME/inilora`).
+        quantization_config: A `transformers.BitsAndBytesConfig` to load the base in 4 or 8 bit (QLoRA). The factors
+            are computed from the full-precision weights; the residual is computed in fp32 and quantized with the
+            layers' own settings. A model already loaded in 4/8 bit works too (factors from dequantized weights).
+        refine_steps: Quantized bases only: LoftQ-style rounds alternating `Q(R)` and a refit of B, A to
+            `W0 − Q(R)`, so that `Q(R) + s·B·A` approaches `W0` (0 = one-shot requantization).
+        adapter_dtype: Quantized bases only: the dtype LoRA factors train in (QLoRA and TRL use bf16); the factors
+            are rounded to it before `R` is computed, so `R + s·B·A` holds for the values that train.
         use_cache: Look up / store computed factor sets in the cache (keyed by base weights + config). Concurrent
             processes (e.g. the ranks of a `torchrun` job) compute a key once; the others wait and load it.
         **options: Variant options, e.g. `steps=20000, lr=5e-4, seed=0` (inilora), `sigma=0.5`
@@ -231,6 +284,9 @@ def inilora_init(
     model_kwargs = dict(model_kwargs or {})
     if dtype is not None:
         model_kwargs["dtype"] = dtype
+    if quantization_config is not None:
+        model_kwargs["quantization_config"] = quantization_config
+        model_kwargs.setdefault("device_map", {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
     requested = {
         field: value
         for field, value in {
@@ -264,6 +320,7 @@ def inilora_init(
         requested=requested if factors is not None else None,
         use_cache=use_cache,
         cache_dir=cache_dir,
+        quantization_options={"refine_steps": refine_steps, "adapter_dtype": adapter_dtype},
     )
     if factors is not None and options:
         raise ValueError(

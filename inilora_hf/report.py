@@ -52,6 +52,8 @@ class ModuleReport:
     mse_ratio: float | None = None
     reconstruction_max_abs: float = 0.0
     reconstruction_rel: float = 0.0
+    quantized_init_error: float | None = None
+    qlora_error: float | None = None
 
 
 @dataclass
@@ -59,7 +61,9 @@ class InitReport:
     """What an init did to each target module.
 
     `reconstruction_max_abs` is max|R + s·B·A − W0| with R, B, A as stored in the model (so it includes the
-    rounding of the storage dtype); `reconstruction_rel` is ‖R + s·B·A − W0‖ / ‖W0‖.
+    rounding of the storage dtype, or the quantization of R); `reconstruction_rel` is ‖R + s·B·A − W0‖ / ‖W0‖.
+    On bitsandbytes bases, `quantized_init_error` (= `reconstruction_rel`) sits next to `qlora_error`,
+    ‖Q(W0) − W0‖ / ‖W0‖, the error plain QLoRA starts from.
     """
 
     variant: str

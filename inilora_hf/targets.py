@@ -77,6 +77,8 @@ def check_rank(modules: dict[str, nn.Linear], rank: int) -> None:
 
 def read_weight(module: nn.Linear) -> torch.Tensor:
     """The module's weight `W0` as fp32 `(out, in)` (dequantized for bitsandbytes layers)."""
-    from peft.utils.integrations import dequantize_module_weight
+    from .quantized import bnb_bits, dequantize
 
-    return dequantize_module_weight(module).detach().float()
+    if bnb_bits(module) is not None:
+        return dequantize(module)
+    return module.weight.detach().float()
