@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps or defaults[shape]
         rows = benchmark(problem, device, steps)
         optimum = torch.cat([optimal_mse(W[None], RANK) for W in problem.weights])
-        print(f"\n### {problem.label}, Adam steps = {steps}\n")
+        print(f"\n### {problem.label}, Adam steps = {steps}, loadavg(1 min, after) = {os.getloadavg()[0]:.2f}\n")
         print(_format_table(rows, optimum, steps))
 
 

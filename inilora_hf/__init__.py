@@ -9,6 +9,7 @@ Example:
 
 __version__ = "0.1.0"
 
+from .checkpoint import load_trained
 from .config import InitConfig
 from .errors import (
     FactorSetCorruptError,
@@ -27,10 +28,15 @@ from .hub import (
 )
 from .model_init import InitFunction, inilora_init
 from .report import InitReport
+from .trainer_callbacks import ExportCallback, InitReportCallback, PushStandardCheckpointCallback
 from .trl import SFTTrainer
 from .variants import ModuleFactors, VariantInputs, available_variants, get_variant, register_variant
 
 __all__ = [
+    "ExportCallback",
+    "InitReportCallback",
+    "PushStandardCheckpointCallback",
+    "load_trained",
     "FactorSet",
     "FactorSetCorruptError",
     "FactorSetError",

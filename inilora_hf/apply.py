@@ -110,8 +110,9 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
     adapter_dtype = getattr(torch, quantization["adapter_dtype"]) if bnb_bits(base) and quantization else None
     with gather_params_ctx(base.weight):
         weight = None if quantized else read_weight(base)
-        lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=adapter_dtype or lora_A.dtype).contiguous()
-        lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=adapter_dtype or lora_B.dtype).contiguous()
+        # copy=True: the LoRA parameters must not share storage with the factor set (training would write into A0/B0)
+        lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=adapter_dtype or lora_A.dtype, copy=True).contiguous()
+        lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=adapter_dtype or lora_B.dtype, copy=True).contiguous()
         delta = scaling * (lora_B.float() @ lora_A.float())
         if residual:
             stored = factors.extra.get(RESIDUAL_KEY)

@@ -76,6 +76,8 @@ def init_metadata(model: PeftModel) -> dict[str, Any]:
         "config_hash": factor_set.config.config_hash(),
         "cache_key": cache_key(factor_set.model_key, factor_set.config),
         "factor_source": getattr(report, "source", "") or "",
+        "factor_repo": factor_set.info.get("source_repo"),
+        "factor_revision": factor_set.info.get("source_revision"),
         "factor_info": _json_safe(factor_set.info),
         "residual_stored": factor_set.has_residual,
         "factors": INIT_FACTORS_DIR,
@@ -214,7 +216,10 @@ def load_trained(
     lora_kwargs = _lora_kwargs(saved, factor_set, directory)
     base = _load_base(base_model, metadata, factor_set, dtype=dtype, model_class=model_class,
                       revision=revision, model_kwargs=model_kwargs)
-    if strict:
+    if strict and (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
+        # Quantized weights cannot match the full-precision fingerprints; the stored residual fixes R instead.
+        logger.info("Base model is quantized: fingerprint check skipped; the factor set's stored residual is used.")
+    elif strict:
         factor_set.check_compatible(model_fingerprints(base, factor_set.config))
     source = metadata.get("factor_source") or ("given" if factors is not None else str(directory / INIT_FACTORS_DIR))
     peft_model = wrap_with_factors(base, factor_set, adapter_name=adapter, source=source, **lora_kwargs)
@@ -246,12 +251,35 @@ def _resolve_factor_set(directory: Path, metadata: dict[str, Any], factors: Any)
             "copied?). Copy it along, or pass `load_trained(dir, factors=...)`."
         )
     if metadata.get("residual_stored"):
-        raise ValueError(
-            f"The run in {directory} used a factor set with a stored residual (a quantized base), which checkpoints "
-            f"do not copy. Pass it: `load_trained(dir, factors=...)` (recorded source: "
-            f"{metadata.get('factor_source') or 'unknown'})."
-        )
+        return _factor_set_with_residual(directory, metadata)
     return FactorSet.from_pretrained(factor_dir)
+
+
+def _factor_set_with_residual(directory: Path, metadata: dict[str, Any]) -> FactorSet:
+    """The run's full factor set (with the stored residual of a quantized base, which checkpoints do not copy):
+    from its recorded Hub repo and commit, else from the default local cache."""
+    from .cache import entry_path
+
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    if metadata.get("factor_repo"):
+        candidates.append((metadata["factor_repo"], {"revision": metadata.get("factor_revision")}))
+    if metadata.get("cache_key"):
+        cached = entry_path(metadata["cache_key"])
+        if cached.is_dir():
+            candidates.append((str(cached), {}))
+    for source, kwargs in candidates:
+        try:
+            factor_set = FactorSet.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as error:
+            logger.info("Could not load the run's factor set from %s: %s", source, error)
+            continue
+        if factor_set.has_residual and factor_set.model_key == metadata.get("model_key"):
+            return factor_set
+    raise ValueError(
+        f"The run in {directory} used a factor set with a stored residual (a quantized base), which checkpoints do "
+        f"not copy, and it is neither in the local cache nor at a recorded Hub repo. Pass it: `load_trained(dir, "
+        f"factors=<directory or repo id>)` (recorded source: {metadata.get('factor_source') or 'unknown'})."
+    )
 
 
 def _lora_kwargs(saved: LoraConfig, factor_set: FactorSet, directory: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `inilora-hf` console script: demo, compute, inspect, push, pull."""
+"""The `inilora-hf` console script: demo, compute, inspect, push, pull, convert."""
 
 from __future__ import annotations
 
@@ -62,24 +62,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compute(args: argparse.Namespace) -> int:
-    import torch
+    from .config import InitConfig
+    from .streaming import compute_streamed
 
-    from .model_init import inilora_init
-
-    init = inilora_init(
-        args.base,
+    config = InitConfig(
         variant=args.variant,
         rank=args.rank,
         lora_alpha=args.lora_alpha,
         use_rslora=args.rslora,
         target_modules=args.targets.split(","),
-        dtype=torch.float32,
-        use_cache=False,
-        device=args.device,
-        **dict(args.option),
+        options=dict(args.option),
     )
-    factor_set = init.prepare()
-    factor_set.save_pretrained(args.out)
+    factor_set = compute_streamed(
+        args.base,
+        config,
+        args.out,
+        max_memory=args.max_memory,
+        device=args.device,
+        revision=args.revision,
+        work_dir=args.work_dir,
+    )
     print(f"wrote {len(factor_set.factors)} modules to {args.out}")
     return 0
 
@@ -128,6 +130,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import load_checkpoint, to_lora, to_merged
+
+    if not (args.merged or args.lora):
+        raise ValueError("Nothing to write: pass --merged DIR and/or --lora DIR.")
+    model, tokenizer = load_checkpoint(args.checkpoint, base_model=args.base_model)
+    if args.merged:
+        print(to_merged(model, args.merged, dtype=args.dtype, tokenizer=tokenizer, overwrite=args.overwrite))
+    if args.lora:
+        print(to_lora(model, args.lora, overwrite=args.overwrite))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `inilora-hf` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="inilora-hf", description=__doc__)
@@ -144,10 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default=None)
     demo.set_defaults(func=cmd_demo)
 
-    compute = commands.add_parser("compute", help="compute a factor set for a base model and save it")
-    compute.add_argument("base", help="Hub id or directory of the base model")
+    compute = commands.add_parser(
+        "compute",
+        help="compute a factor set for a base model and save it (streamed: reads only the target weights)",
+    )
+    compute.add_argument("base", help="Hub id or directory of the base model (safetensors)")
     compute.add_argument("--out", required=True, help="output directory")
     compute.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    compute.add_argument("--max-memory", default=None,
+                         help="memory for weights + working set, e.g. 512MB or 2GB (default: one group per shape)")
+    compute.add_argument("--revision", default=None, help="Hub revision of the base model")
+    compute.add_argument("--work-dir", default=None,
+                         help="where finished groups are kept so that an interrupted run resumes (default: in the cache)")
     _add_init_arguments(compute)
     compute.set_defaults(func=cmd_compute)
 
@@ -167,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("repo_id", help="Hub repo id of a factor set")
     pull.add_argument("--revision", default=None, help="branch, tag or commit sha (default main)")
     pull.set_defaults(func=cmd_pull)
+
+    convert = commands.add_parser(
+        "convert", help="turn a training checkpoint into a merged transformers checkpoint and/or a standard LoRA adapter"
+    )
+    convert.add_argument("checkpoint", help="a checkpoint-N folder or save_model() output of an inilora_hf run")
+    convert.add_argument("--merged", metavar="DIR", help="write a merged transformers checkpoint here")
+    convert.add_argument("--lora", metavar="DIR", help="write a standard PEFT LoRA adapter (for the original base) here")
+    convert.add_argument("--dtype", default=None, help="dtype of the merged weights (default: the base model's)")
+    convert.add_argument("--base-model", default=None, help="the original base model, if not the recorded one")
+    convert.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -177,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_verbosity(logging.INFO)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         print(f"inilora-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

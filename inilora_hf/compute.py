@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from .factors import FactorSet, library_versions, now_iso
 from .fingerprint import weight_fingerprint
 from .report import fit_statistics
 from .targets import check_rank, find_target_linears, read_weight
-from .variants import VariantInputs, get_variant
+from .variants import ModuleFactors, VariantInputs, get_variant
 
 logger = get_logger(__name__)
 
@@ -62,9 +63,49 @@ def compute_factor_set(
         )
     device = torch.device(device) if device is not None else default_device()
     started = time.perf_counter()
+    factors = run_variant(weights, config, device=device, gradients=gradients, max_group_bytes=max_group_bytes)
+    seconds = time.perf_counter() - started
+    stats = fit_statistics(weights, factors, config.scaling, with_optimum=spec.approximates_weight, device=device)
+    logger.info("Computed %s factors for %d modules in %.1f s on %s.", spec.name, len(factors), seconds, device)
+    return FactorSet(
+        config=config,
+        factors={n: factors[n] for n in sorted(factors)},
+        fingerprints=dict(fingerprints),
+        base_model=base_model,
+        base_revision=base_revision,
+        stats=stats,
+        info=provenance(seconds, device),
+    )
+
+
+def run_variant(
+    weights: Mapping[str, torch.Tensor],
+    config: InitConfig,
+    *,
+    device: torch.device,
+    gradients: Mapping[str, torch.Tensor] | None = None,
+    max_group_bytes: int | None = None,
+    std_by_type: Mapping[str, float] | None = None,
+) -> dict[str, ModuleFactors]:
+    """Run `config.variant` on `weights` and check that it returned `(r, in)` / `(out, r)` factors for each module.
+
+    `std_by_type` is passed on when `weights` holds only a subset of the targets (see `VariantInputs`).
+
+    Example:
+        >>> cfg = InitConfig("pissa", rank=2, target_modules=["q_proj"])
+        >>> factors = run_variant({"q_proj": torch.randn(6, 4)}, cfg, device=torch.device("cpu"))
+        >>> tuple(factors["q_proj"].lora_A.shape), tuple(factors["q_proj"].lora_B.shape)
+        ((2, 4), (6, 2))
+    """
+    spec = get_variant(config.variant)
     factors = spec.compute(
         VariantInputs(
-            weights=weights, config=config, device=device, gradients=gradients, max_group_bytes=max_group_bytes
+            weights=weights,
+            config=config,
+            device=device,
+            gradients=gradients,
+            max_group_bytes=max_group_bytes,
+            std_by_type=std_by_type,
         )
     )
     missing = sorted(set(weights) - set(factors))
@@ -78,20 +119,14 @@ def compute_factor_set(
                 f"Variant {spec.name!r} returned lora_A {tuple(module.lora_A.shape)} / lora_B "
                 f"{tuple(module.lora_B.shape)} for {name!r}; expected {expected_A} / {expected_B}."
             )
-    seconds = time.perf_counter() - started
-    stats = fit_statistics(weights, factors, config.scaling, with_optimum=spec.approximates_weight, device=device)
-    logger.info("Computed %s factors for %d modules in %.1f s on %s.", spec.name, len(factors), seconds, device)
-    return FactorSet(
-        config=config,
-        factors={n: factors[n] for n in sorted(factors)},
-        fingerprints=dict(fingerprints),
-        base_model=base_model,
-        base_revision=base_revision,
-        stats=stats,
-        info={
-            "created_at": now_iso(),
-            "compute_seconds": round(seconds, 3),
-            "compute_device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-            "versions": library_versions(),
-        },
-    )
+    return factors
+
+
+def provenance(seconds: float, device: torch.device) -> dict[str, Any]:
+    """The `info` of a freshly computed factor set: creation time, compute seconds and device, library versions."""
+    return {
+        "created_at": now_iso(),
+        "compute_seconds": round(seconds, 3),
+        "compute_device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "versions": library_versions(),
+    }

@@ -166,12 +166,13 @@ def merged_state_dict(
     out_dtype = dtype or model_dtype(base)
     lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
     wrappers = {name: m for name, m in base.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)}
+    # Quantized layers outside LoRA (LoRA layers forward `.weight` to their quantized base layer: skip them too).
     quantized = {
         name: m
         for name, m in base.named_modules()
         if isinstance(getattr(m, "weight", None), torch.Tensor)
         and get_bnb_param_type(m.weight)
-        and not any(name.startswith(f"{owner}.") for owner in lora_layers)
+        and not any(name == owner or name.startswith(f"{owner}.") for owner in lora_layers)
     }
     source = base.state_dict()
     shared = _storage_groups(source)
@@ -287,9 +288,9 @@ def _plain_key(
     for cut in range(len(parts) - 1, 0, -1):
         owner, rest = ".".join(parts[:cut]), parts[cut:]
         if owner in lora_layers:
-            if rest[0] != "base_layer" or rest[1:2] == ["weight"]:
-                return None  # LoRA factors, and the base weight (merged separately)
-            return ".".join([owner, *rest[1:]])
+            # Of the base layer only the bias carries over: the weight is merged separately, and anything else is
+            # quantization state (4-bit `weight.absmax`..., 8-bit `SCB`, `weight_format`); LoRA factors are dropped.
+            return f"{owner}.bias" if rest == ["base_layer", "bias"] else None
         if owner in wrappers:
             wrapper = wrappers[owner]
             if not isinstance(wrapper, ModulesToSaveWrapper):
@@ -303,8 +304,8 @@ def _plain_key(
             if rest[0] == "modules_to_save" and rest[1] == adapter:
                 return ".".join([owner, *rest[2:]])
             return None
-        if owner in quantized and rest[0] == "weight":
-            return None  # dequantized separately; drops the quantization state entries too
+        if owner in quantized:
+            return key if rest == ["bias"] else None  # the weight is dequantized separately
     return key
 
 
@@ -375,15 +376,32 @@ def _require_factor_set(model: PeftModel) -> FactorSet:
     return factor_set
 
 
-def _resolve(model: ModelOrCheckpoint, *, base_model: Any, tokenizer: Any) -> tuple[PeftModel, Any]:
-    """A model as given, or a checkpoint directory loaded with `load_trained` (plus its tokenizer, if any)."""
-    if isinstance(model, (str, os.PathLike)):
-        directory = Path(model)
-        if tokenizer is None and (directory / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+def load_checkpoint(
+    checkpoint_dir: str | os.PathLike, *, base_model: str | os.PathLike | nn.Module | None = None
+) -> tuple[PeftModel, Any]:
+    """A checkpoint directory loaded with `inilora_hf.load_trained`, plus its tokenizer (None if it has none).
 
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        return load_trained(directory, base_model=base_model), tokenizer
+    Load once, export many times: `to_merged` / `to_lora` accept the returned model.
+
+    Example:
+        >>> model, tokenizer = load_checkpoint("out/checkpoint-500")                     # doctest: +SKIP
+        >>> to_merged(model, "out/merged", tokenizer=tokenizer); to_lora(model, "out/lora")   # doctest: +SKIP
+    """
+    directory = Path(checkpoint_dir)
+    model = load_trained(directory, base_model=base_model)
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer
+
+
+def _resolve(model: ModelOrCheckpoint, *, base_model: Any, tokenizer: Any) -> tuple[PeftModel, Any]:
+    """A model as given, or a checkpoint directory loaded with `load_checkpoint`."""
+    if isinstance(model, (str, os.PathLike)):
+        loaded, found = load_checkpoint(model, base_model=base_model)
+        return loaded, tokenizer if tokenizer is not None else found
     if base_model is not None:
         raise ValueError("`base_model` is only used with a checkpoint directory; a loaded model already has its base.")
     return _require_peft(model), tokenizer

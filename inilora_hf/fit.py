@@ -43,6 +43,11 @@ def _check_stack(target: Tensor) -> None:
         raise ValueError(f"target must be a (L, m, n) stack of matrices, got shape {tuple(target.shape)}")
 
 
+def _squared_norms(W: Tensor) -> Tensor:
+    # The norm itself in fp32 avoids an fp64 copy of the whole stack; only the square is fp64.
+    return torch.linalg.vector_norm(W, dim=(1, 2)).double().square()
+
+
 def _mse_from_parts(w_sq: Tensor, BtW: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, numel: int) -> Tensor:
     """``‖W − BA‖² / numel`` from ``‖W‖²``, ``BᵀW``, ``A``, ``BᵀB`` and ``AAᵀ``.
 
@@ -57,7 +62,9 @@ def factor_mse(target: Tensor, B: Tensor, A: Tensor) -> Tensor:
     """Per-matrix mean squared error of ``B @ A`` against ``target``, without forming ``B @ A``.
 
     Uses ``‖W − BA‖² = ‖W‖² − 2⟨BᵀW, A⟩ + ⟨BᵀB, AAᵀ⟩`` (one pass over ``W`` for ``BᵀW``, one for
-    ``‖W‖²``), clamped at 0.
+    ``‖W‖²``), clamped at 0. The terms are fp32 products, so the absolute error is about
+    ``1e-7 · mean(W²)``: accurate for LoRA-rank fits of real weights (residual ≳ 10 % of ``‖W‖²``),
+    but only good to that absolute level when ``W`` is almost exactly rank ``r``.
 
     Args:
         target: ``(L, m, n)`` matrices.
@@ -75,8 +82,7 @@ def factor_mse(target: Tensor, B: Tensor, A: Tensor) -> Tensor:
     """
     _check_stack(target)
     W, B, A = target.float(), B.float(), A.float()
-    w_sq = W.double().square().sum((1, 2))
-    return _mse_from_parts(w_sq, B.mT @ W, A, B.mT @ B, A @ A.mT, W.shape[1] * W.shape[2])
+    return _mse_from_parts(_squared_norms(W), B.mT @ W, A, B.mT @ B, A @ A.mT, W.shape[1] * W.shape[2])
 
 
 def optimal_mse(target: Tensor, rank: int) -> Tensor:
@@ -169,7 +175,7 @@ def randomized_svd_factors(
     W = target.float()
     L, m, n = W.shape
     width = min(rank + oversample, m, n)
-    sketch = torch.randn(L, n, width, device=W.device, generator=generator)
+    sketch = torch.randn(L, n, width, dtype=W.dtype, device=W.device, generator=generator)
     Q = torch.linalg.qr(W @ sketch).Q
     for _ in range(niter):
         Q = torch.linalg.qr(W.mT @ Q).Q
@@ -268,19 +274,19 @@ def adam_fit(
     if B.shape != (L, m, r) or A.shape != (L, r, n):
         raise ValueError(f"factor shapes {tuple(B.shape)}, {tuple(A.shape)} do not fit target {tuple(W.shape)}")
 
-    params = torch.empty(L * r * (m + n), device=W.device)
+    params = torch.empty(L * r * (m + n), dtype=W.dtype, device=W.device)
     cur_B, cur_A = _split(params, L, m, r, n)
     cur_B.copy_(B)
     cur_A.copy_(A)
     grad = torch.empty_like(params)
     grad_B, grad_A = _split(grad, L, m, r, n)
-    G_A = torch.empty(L, r, r, device=W.device)
+    G_A = W.new_empty(L, r, r)
     G_B = torch.empty_like(G_A)
-    WAt = torch.empty(L, m, r, device=W.device)
-    BtW = torch.empty(L, r, n, device=W.device)
+    AWt = W.new_empty(L, r, m)
+    BtW = W.new_empty(L, r, n)
     adam = _FlatAdam(params, betas, eps)
     scale = 2.0 / (m * n)
-    w_sq = W.double().square().sum((1, 2)) if tol is not None else None
+    w_sq = _squared_norms(W) if tol is not None else None
 
     current_lr = lr
     last_reported = 0
@@ -293,9 +299,11 @@ def adam_fit(
             current_lr *= gamma
         torch.bmm(cur_A, cur_A.mT, out=G_A)
         torch.bmm(cur_B.mT, cur_B, out=G_B)
-        torch.bmm(W, cur_A.mT, out=WAt)
+        # W·Aᵀ is formed as (A·Wᵀ)ᵀ: with the thin factor on the left, BLAS streams W the same way
+        # in both products, measured ~1.6× faster than bmm(W, A.mT) on CPU.
+        torch.bmm(cur_A, W.mT, out=AWt)
         torch.bmm(cur_B.mT, W, out=BtW)
-        torch.baddbmm(WAt, cur_B, G_A, beta=-scale, alpha=scale, out=grad_B)
+        torch.baddbmm(AWt.mT, cur_B, G_A, beta=-scale, alpha=scale, out=grad_B)
         torch.baddbmm(BtW, G_B, cur_A, beta=-scale, alpha=scale, out=grad_A)
         if i % check_every == 0:
             if progress is not None and i > last_reported:

@@ -14,15 +14,24 @@ from .errors import TargetModuleError
 ALL_LINEAR = "all-linear"
 
 
-def find_target_linears(model: nn.Module, target_modules: Sequence[str] | str) -> dict[str, nn.Linear]:
+def find_target_linears(
+    model: nn.Module, target_modules: Sequence[str] | str, *, allow_meta: bool = False
+) -> dict[str, nn.Linear]:
     """Map module name → `nn.Linear` for every module `target_modules` selects in `model`.
 
     Matching follows `peft.LoraConfig`: a list matches exact names or name suffixes after a dot, a string is
     a regular expression matched against the full name, and `"all-linear"` selects every Linear except the
     output layer. bitsandbytes `Linear4bit`/`Linear8bitLt` are Linear subclasses and count as Linear.
 
+    Args:
+        model: The model to search.
+        target_modules: As `peft.LoraConfig.target_modules`.
+        allow_meta: Accept weights on the meta device: a skeleton built without loading weights, whose
+            targets are only named and checked (the streamed `compute` reads the weights from the files).
+
     Raises:
-        TargetModuleError: nothing matches, or a match is not an `nn.Linear` (an Embedding, Conv1D, ...).
+        TargetModuleError: nothing matches, a match is not an `nn.Linear` (an Embedding, Conv1D, ...), or
+            (unless `allow_meta`) a matched weight is on the meta device.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -51,7 +60,7 @@ def find_target_linears(model: nn.Module, target_modules: Sequence[str] | str) -
             f"only. Remove it from target_modules (e.g. target only the attention projections)."
         )
     for name, module in found.items():
-        if module.weight.device.type == "meta":
+        if not allow_meta and module.weight.device.type == "meta":
             raise TargetModuleError(
                 f"The weight of {name!r} is on the meta device (not loaded). Load the model without "
                 "`low_cpu_mem_usage`/`device_map='meta'` before initialising LoRA factors."

@@ -105,6 +105,7 @@ def test_sft_steps_save_and_merged_conversion(base_dir, tmp_path, kind) -> None:
     with torch.no_grad():
         expected = trainer.model(input_ids=ids).logits.float()
         actual = merged(input_ids=ids).logits
-    # The trained model runs its LoRA branch in bf16 (as QLoRA/TRL do) and int8 layers through fp16 matmuls; the
-    # merged checkpoint computes deq(Q(R)) + s·B·A in fp32. Measured max |Δlogits|: ~1e-3 (logits are O(1)).
-    assert (expected - actual).abs().max().item() < 5e-3
+    # The trained model runs its LoRA branch in bf16 (as QLoRA/TRL do), and int8 layers also quantize their
+    # activations (a plain int8 k_proj alone differs from its dense version by 3.3e-3); the merged checkpoint
+    # computes deq(Q(R)) + s·B·A in fp32. Measured max |Δlogits|: 1.2e-3 (nf4), 4.0e-3 (int8); logits are O(1).
+    assert (expected - actual).abs().max().item() < (2e-3 if kind == "nf4" else 2e-2)

@@ -1,0 +1,428 @@
+"""Streamed factor-set computation for checkpoints larger than memory.
+
+`compute_streamed` never loads the model. It builds the module tree on the meta device to find the targets
+(with the same matching and Linear checks as `inilora_init`), then reads only the target tensors from the
+safetensors files, one tensor or one bounded group at a time:
+
+1. Pass 1, per target tensor: its fingerprint (in its stored dtype, as `model_fingerprints` gives for the
+   model loaded in that dtype) and the std of `W0 / s` (pooled per module type into the σ̄ of `inilora`).
+2. Pass 2, per group of same-shape matrices sized to `max_memory`: the variant on that subset (with the
+   whole-model σ̄), its fit statistics, and the group's factors saved to a work directory. A rerun after an
+   interruption skips the groups found there.
+
+The factor set is then assembled and written atomically. Since variants draw each module from its own
+generator and pool statistics through `std_by_type`, the result equals the in-memory computation of
+`inilora_init(base, ...).prepare()` on the model loaded in its stored dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils.hub import convert_file_size_to_int
+from transformers.utils.logging import tqdm
+
+from .cache import resumable_dir
+from .compute import default_device, provenance, run_variant
+from .config import InitConfig
+from .errors import FactorSetError
+from .factors import METADATA_NAME, FactorSet
+from .fingerprint import model_key, weight_fingerprint
+from .grouping import shape_groups
+from .hub import snapshot_commit
+from .log import get_logger
+from .model_init import cache_key
+from .report import fit_statistics
+from .targets import check_rank, find_target_linears
+from .variants import ModuleFactors, get_variant
+from .variants.approximation import mean_by_type
+
+logger = get_logger(__name__)
+
+#: A group's fp32 stack may use `max_memory / WORKING_SET_FACTOR` bytes: the rest is for the fp32 copies of the
+#: group's weights, the variant's scaled targets and its working set. Measured on CPU: a PiSSA group peaks at
+#: about 6× its stack (weights, W/s, stack, U, Vᴴ, LAPACK workspace), the IniLoRA fit at about 4×.
+WORKING_SET_FACTOR = 8
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+GROUP_PREFIX = "group-"
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one target weight is stored: a safetensors file and the tensor's key in it."""
+
+    file: Path
+    key: str
+
+
+def parse_memory(value: int | str | None) -> int | None:
+    """Bytes from an int or a size string (`"512MB"`, `"2GB"`, `"1GiB"`); None stays None (no bound).
+
+    Example:
+        >>> parse_memory("512MB"), parse_memory("1GiB"), parse_memory(4096), parse_memory(None)
+        (512000000, 1073741824, 4096, None)
+    """
+    if value is None:
+        return None
+    try:
+        size = int(value) if isinstance(value, str) and value.strip().isdigit() else convert_file_size_to_int(value)
+    except (ValueError, TypeError, AttributeError):
+        size = None
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(
+            f"`max_memory` must be a positive number of bytes or a size like '512MB', '2GB' or '1GiB', got {value!r}."
+        )
+    return size
+
+
+def resolve_checkpoint(
+    base: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> tuple[Path, str | None]:
+    """A local directory holding `base`'s config and safetensors, and the resolved commit when from the Hub.
+
+    A local directory is used as is (its revision is `revision`, as given). Anything else is a Hub id, of which
+    only `*.json` and `*.safetensors` are downloaded.
+
+    Example:
+        >>> directory, commit = resolve_checkpoint("meta-llama/Llama-2-7b-hf")      # doctest: +SKIP
+    """
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return path, revision
+    text = str(base)
+    if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(
+            f"No checkpoint directory {text!r}. Pass an existing directory or a Hub model id ('org/name')."
+        )
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(
+        snapshot_download(text, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors"])
+    )
+    return snapshot, snapshot_commit(snapshot) or revision
+
+
+def checkpoint_files(directory: Path) -> dict[str, Path]:
+    """Tensor key → safetensors file, from `model.safetensors.index.json` (sharded) or `model.safetensors`.
+
+    Raises:
+        FileNotFoundError: there is no safetensors checkpoint in `directory`, or a shard the index lists is missing.
+    """
+    index_file = directory / SAFETENSORS_INDEX
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{index_file} is not a valid safetensors index (no 'weight_map'): {error}.") from error
+        missing = sorted({name for name in weight_map.values() if not (directory / name).is_file()})
+        if missing:
+            raise FileNotFoundError(
+                f"Shard {missing[0]!r} listed in {index_file} is missing from {directory}"
+                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}. "
+                "Download or copy the checkpoint again."
+            )
+        return {key: directory / name for key, name in weight_map.items()}
+    single = directory / SAFETENSORS_SINGLE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as handle:
+            return {key: single for key in handle.keys()}
+    raise FileNotFoundError(
+        f"No {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} in {directory}: streamed computation reads safetensors "
+        "checkpoints only. Re-save the model with `save_pretrained(..., safe_serialization=True)`, or use "
+        "`inilora_init` (which loads the whole model)."
+    )
+
+
+def target_shapes(
+    directory: Path, config: InitConfig, *, model_class: type | None = None
+) -> tuple[dict[str, tuple[int, int]], str]:
+    """Target module name → `(out, in)`, found on a weightless (meta-device) copy of the model, and the
+    model's `base_model_prefix`. Matching, Linear and rank checks are those of the in-memory path."""
+    model_config = AutoConfig.from_pretrained(directory)
+    if getattr(model_config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"The checkpoint in {directory} is pre-quantized ({type(model_config.quantization_config).__name__}); "
+            "streamed computation reads full-precision weights only. Use `inilora_init(..., quantization_config=...)`."
+        )
+    with torch.device("meta"):
+        skeleton = (model_class or AutoModelForCausalLM).from_config(model_config)
+    modules = find_target_linears(skeleton, config.target_modules, allow_meta=True)
+    check_rank(modules, config.rank)
+    shapes = {name: (module.out_features, module.in_features) for name, module in modules.items()}
+    return shapes, getattr(skeleton, "base_model_prefix", "") or ""
+
+
+def locate_targets(
+    shapes: Mapping[str, tuple[int, int]], files: Mapping[str, Path], prefix: str
+) -> dict[str, TensorLocation]:
+    """Module name → where its weight is stored: `name.weight`, else with the `base_model_prefix` removed or added."""
+    locations = {}
+    for name in shapes:
+        candidates = [f"{name}.weight"]
+        if prefix and name.startswith(f"{prefix}."):
+            candidates.append(f"{name[len(prefix) + 1:]}.weight")
+        elif prefix:
+            candidates.append(f"{prefix}.{name}.weight")
+        key = next((key for key in candidates if key in files), None)
+        if key is None:
+            raise ValueError(
+                f"The checkpoint has no tensor for target module {name!r} (looked for {candidates}). The files do "
+                "not match the model's config, or use renamed keys; load it with `inilora_init` instead."
+            )
+        locations[name] = TensorLocation(files[key], key)
+    return locations
+
+
+def read_tensor(location: TensorLocation, shape: tuple[int, int]) -> torch.Tensor:
+    """Read one weight in its stored dtype (the file is memory-mapped only while reading) and check its shape."""
+    with safe_open(str(location.file), framework="pt", device="cpu") as handle:
+        tensor = handle.get_tensor(location.key)
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(
+            f"Tensor {location.key!r} in {location.file} has shape {tuple(tensor.shape)}, but the model's config "
+            f"gives a Linear of {tuple(shape)}. The weights and config.json of the checkpoint do not match."
+        )
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"Tensor {location.key!r} in {location.file} is {tensor.dtype} (quantized?); streamed computation needs "
+            "floating-point weights. Use `inilora_init` with the matching `quantization_config`."
+        )
+    return tensor
+
+
+def _read_group(
+    names: list[str], locations: Mapping[str, TensorLocation], shapes: Mapping[str, tuple[int, int]]
+) -> dict[str, torch.Tensor]:
+    return {name: read_tensor(locations[name], shapes[name]).float() for name in names}
+
+
+def _load_group(directory: Path, key: str, names: list[str]) -> FactorSet | None:
+    """The saved result of one group, or None if absent, from another plan, or unreadable (then recomputed)."""
+    if not (directory / METADATA_NAME).is_file():
+        return None
+    try:
+        group = FactorSet.from_pretrained(directory)
+    except (FactorSetError, OSError) as error:
+        logger.warning("Recomputing group %s: its saved result is unreadable (%s).", directory.name, error)
+        return None
+    if group.info.get("work_key") != key or sorted(group.factors) != sorted(names):
+        logger.warning("Recomputing group %s: it was saved by a run with other modules or settings.", directory.name)
+        return None
+    return group
+
+
+def _save_group(group: FactorSet, directory: Path) -> None:
+    """Write a group's result next to its final name, then rename it in (an interrupted write leaves no group)."""
+    tmp = directory.with_name(f".tmp-{directory.name}-{uuid.uuid4().hex}")
+    try:
+        group.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(factor_set: FactorSet, output_dir: Path) -> None:
+    """Save to a temporary sibling directory and rename it to `output_dir` (replacing an older factor set)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a directory; choose another output directory.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / METADATA_NAME).is_file():
+        raise FileExistsError(
+            f"{output_dir} is not empty and holds no factor set ({METADATA_NAME}); choose a new or empty directory."
+        )
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{uuid.uuid4().hex}")
+    old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex}")
+    try:
+        factor_set.save_pretrained(tmp)
+        if output_dir.exists():
+            os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clear_work_dir(work: Path, count: int) -> None:
+    """Remove the groups of a finished run (and the work dir if nothing else is in it)."""
+    for index in range(count):
+        shutil.rmtree(work / f"{GROUP_PREFIX}{index:05d}", ignore_errors=True)
+    try:
+        work.rmdir()
+    except OSError:
+        logger.debug("Kept work dir %s: it holds other files.", work)
+
+
+def _plan(shapes: Mapping[str, tuple[int, int]], budget: int | None) -> list[list[str]]:
+    """Groups of same-shape modules whose fp32 stack fits `budget` (one matrix at least), in a fixed order."""
+    groups = list(shape_groups(shapes, max_bytes=budget))
+    largest = max(out_features * in_features * 4 for out_features, in_features in shapes.values())
+    if budget is not None and largest > budget:
+        logger.warning(
+            "The largest target matrix takes %.3g MB in fp32, more than the per-group budget of %.3g MB "
+            "(max_memory / %d); such matrices are processed one at a time and peak memory exceeds max_memory. "
+            "Raise max_memory to at least %.3g MB to stay within it.",
+            largest / 1e6, budget / 1e6, WORKING_SET_FACTOR, largest * WORKING_SET_FACTOR / 1e6,
+        )
+    return groups
+
+
+def compute_streamed(
+    base: str | os.PathLike,
+    config: InitConfig,
+    output_dir: str | os.PathLike,
+    *,
+    max_memory: int | str | None = None,
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    work_dir: str | os.PathLike | None = None,
+    model_class: type | None = None,
+) -> FactorSet:
+    """Compute the factor set of `base` without loading the model, and write it to `output_dir`.
+
+    Only the target weights are read from the safetensors files, in groups bounded by `max_memory`; finished
+    groups are kept in a work directory, so rerunning the same call after an interruption resumes. The result
+    equals `inilora_init(base, ...).prepare()` for the model loaded in its stored dtype (same factors,
+    fingerprints and statistics), so `inilora_init(base, factors=output_dir)` accepts it.
+
+    Args:
+        base: A local checkpoint directory or a Hub model id (only `*.json` and `*.safetensors` are downloaded).
+        config: What to compute (variant, rank, targets, options). Data-driven variants are refused.
+        output_dir: Where the factor set is written (atomically; an existing factor set there is replaced).
+        max_memory: Memory for weights and working set, on top of the Python runtime (torch and transformers
+            loaded, ~0.5 GB), e.g. `"2GB"`: a group's fp32 stack is at most `max_memory / WORKING_SET_FACTOR`
+            (one matrix per group at least; a warning says when one matrix needs more). None: one group per
+            shape, as in memory.
+        device: Where the variant runs (default: CUDA if available, else CPU).
+        revision: Hub revision of `base` (recorded as the resolved commit).
+        token: Hub token for private repos.
+        work_dir: Where finished groups are kept until the factor set is written (default: the cache's
+            resumable directory of this base model and config). Its groups are removed after success; a lock
+            file `<work_dir>.lock` next to it keeps two runs from computing the same groups.
+        model_class: Auto class used to build the module tree (default `AutoModelForCausalLM`).
+
+    Returns:
+        The `FactorSet`, also saved in `output_dir`.
+
+    Raises:
+        ValueError: a data-driven variant, or checkpoint files that do not match the model's config.
+        FileNotFoundError: no safetensors checkpoint, or a missing shard.
+        TargetModuleError: the targets match nothing or a non-Linear module.
+
+    Example:
+        >>> from inilora_hf import InitConfig
+        >>> from inilora_hf.streaming import compute_streamed
+        >>> fs = compute_streamed("meta-llama/Llama-2-70b-hf", InitConfig("pissa", rank=16),
+        ...                       "factors/llama-70b-pissa-r16", max_memory="8GB")      # doctest: +SKIP
+        >>> fs.config.variant, len(fs.factors)                                            # doctest: +SKIP
+        ('pissa', 160)
+    """
+    spec = get_variant(config.variant)
+    if spec.needs_gradients:
+        raise ValueError(
+            f"Variant {spec.name!r} needs calibration data; use inilora_init(..., calibration_data=...), which "
+            "loads the model. Streamed computation supports weight-only variants."
+        )
+    if getattr(config, "quantization", None) is not None:
+        raise ValueError(
+            "This InitConfig is for a quantized base (`quantization` is set); its factors depend on the quantized "
+            "layers. Use inilora_init(..., quantization_config=...), or drop `quantization` for a full-precision base."
+        )
+    budget_bytes = parse_memory(max_memory)
+    stack_budget = None if budget_bytes is None else max(1, budget_bytes // WORKING_SET_FACTOR)
+    device = torch.device(device) if device is not None else default_device()
+    started = time.perf_counter()
+
+    directory, base_revision = resolve_checkpoint(base, revision=revision, token=token)
+    shapes, prefix = target_shapes(directory, config, model_class=model_class)
+    locations = locate_targets(shapes, checkpoint_files(directory), prefix)
+
+    fingerprints: dict[str, dict] = {}
+    stds: dict[str, float] = {}
+    with tqdm(total=len(shapes), desc="Fingerprinting target weights", unit="matrix") as progress:
+        for name in shapes:  # model order, as the in-memory path pools σ̄
+            weight = read_tensor(locations[name], shapes[name])
+            fingerprints[name] = weight_fingerprint(weight)
+            stds[name] = (weight.float() / config.scaling).std().item()
+            del weight
+            progress.update(1)
+    std_by_type = mean_by_type(stds)
+
+    key = cache_key(model_key(fingerprints), config)
+    work = Path(work_dir) if work_dir is not None else resumable_dir(key)
+    work.mkdir(parents=True, exist_ok=True)
+    groups = _plan(shapes, stack_budget)
+    logger.info(
+        "Streaming %s for %d modules of %s in %d groups (max_memory=%s) on %s; work dir %s.",
+        spec.name, len(shapes), base, len(groups), max_memory, device, work,
+    )
+
+    factors: dict[str, ModuleFactors] = {}
+    stats: dict[str, dict[str, float]] = {}
+    compute_seconds = 0.0
+    resumed = 0
+    # One process per work dir: a concurrent run of the same call waits instead of computing the same groups.
+    lock = FileLock(str(work.with_name(f"{work.name}.lock")))
+    with lock, tqdm(total=len(groups), desc="Factor groups", unit="group") as bar:
+        for index, names in enumerate(groups):
+            group_dir = work / f"{GROUP_PREFIX}{index:05d}"
+            group = _load_group(group_dir, key, names)
+            if group is None:
+                weights = _read_group(names, locations, shapes)
+                group_started = time.perf_counter()
+                group_factors = run_variant(weights, config, device=device, std_by_type=std_by_type)
+                seconds = time.perf_counter() - group_started
+                group = FactorSet(
+                    config=config,
+                    factors=group_factors,
+                    fingerprints={name: fingerprints[name] for name in names},
+                    stats=fit_statistics(
+                        weights, group_factors, config.scaling, with_optimum=spec.approximates_weight, device=device
+                    ),
+                    info={"work_key": key, "group": index, "compute_seconds": seconds},
+                )
+                del weights
+                _save_group(group, group_dir)
+            else:
+                resumed += 1
+            factors.update(group.factors)
+            stats.update(group.stats)
+            compute_seconds += group.info["compute_seconds"]
+            bar.update(1)
+        if resumed:
+            logger.info("Resumed: %d of %d groups were already computed in %s.", resumed, len(groups), work)
+
+        info = provenance(compute_seconds, device)
+        info["streamed"] = {
+            "max_memory": budget_bytes,
+            "groups": len(groups),
+            "resumed_groups": resumed,
+            "wall_seconds": round(time.perf_counter() - started, 3),
+        }
+        factor_set = FactorSet(
+            config=config,
+            factors={name: factors[name] for name in sorted(factors)},
+            fingerprints=fingerprints,
+            base_model=str(base),
+            base_revision=base_revision,
+            stats=stats,
+            info=info,
+        )
+        _publish(factor_set, Path(output_dir))
+        _clear_work_dir(work, len(groups))
+    logger.info("Wrote the %s factor set of %s (%d modules) to %s.", spec.name, base, len(factors), output_dir)
+    return factor_set

@@ -1,0 +1,289 @@
+"""`TrainerCallback`s: standard-checkpoint export, init report logging, and pushing standard checkpoints.
+
+Works with `transformers.Trainer` and `inilora_hf.SFTTrainer` on models from `inilora_init`:
+
+* `ExportCallback` writes `export/merged/` (plain transformers) and `export/lora/` (plain PEFT adapter on the
+  original base) into every `checkpoint-N` and, at the end, into the output directory.
+* `InitReportCallback` logs the init report (`init/max_reconstruction_error`, ...) when training starts.
+* `PushStandardCheckpointCallback` pushes the merged model and/or the standard adapter to the Hub, with a
+  model card, when training ends and `args.push_to_hub` is set.
+
+The exports live under `export/` rather than directly in the checkpoint: `Trainer` treats every direct
+subfolder holding an `adapter_model.safetensors` as an extra adapter to load on `resume_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .convert import to_lora, to_merged
+from .log import get_logger
+from .model_card import is_hub_id
+from .report import InitReport
+from .variants import get_variant
+
+logger = get_logger(__name__)
+
+EXPORT_DIR = "export"
+
+
+def run_dir(args: TrainingArguments, state: TrainerState) -> Path:
+    """The directory holding this run's `checkpoint-N` folders (per trial under hyper-parameter search).
+
+    `Trainer` uses `output_dir/<hp_name(trial)>` (recorded as `state.trial_name`) or `output_dir/run-<id>`;
+    in the second case the most recently written trial folder that holds the current checkpoint is taken.
+    """
+    root = Path(args.output_dir)
+    if state.trial_name:
+        return root / state.trial_name
+    if state.trial_params is None:
+        return root
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    candidates = [path.parent for path in root.glob(f"*/{name}") if path.is_dir()]
+    return max(candidates, key=lambda path: (path / name).stat().st_mtime) if candidates else root
+
+
+class ExportCallback(TrainerCallback):
+    """Write standard checkpoints next to every Trainer checkpoint and into the final output directory.
+
+    `checkpoint-N/export/merged/` loads with `AutoModelForCausalLM.from_pretrained`, and
+    `checkpoint-N/export/lora/` with `PeftModel.from_pretrained(original_base, ...)`; the same two folders
+    are written to `output_dir/export/` when training ends. Only the world process zero writes.
+
+    Args:
+        merged: Write the merged checkpoint (`inilora_hf.convert.to_merged`).
+        lora: Write the standard LoRA adapter (`inilora_hf.convert.to_lora`).
+        dtype: Dtype of the merged weights (default: the base model's).
+        at_checkpoints: Export into each `checkpoint-N` (otherwise only at the end).
+
+    Example:
+        >>> trainer = Trainer(model_init=inilora_init("./base"), args=args, train_dataset=ds,   # doctest: +SKIP
+        ...                   callbacks=[ExportCallback(merged=True, lora=True)])
+    """
+
+    def __init__(self, *, merged: bool = True, lora: bool = True, dtype: Any = None, at_checkpoints: bool = True) -> None:
+        if not (merged or lora):
+            raise ValueError("ExportCallback with merged=False and lora=False exports nothing; enable one of them.")
+        self.merged = merged
+        self.lora = lora
+        self.dtype = dtype
+        self.at_checkpoints = at_checkpoints
+
+    def export(self, model: Any, directory: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+        """Write `directory/export/merged` and/or `directory/export/lora` (replacing older exports)."""
+        target = Path(directory) / EXPORT_DIR
+        if self.merged:
+            to_merged(model, target / "merged", dtype=self.dtype, tokenizer=tokenizer, overwrite=True)
+        if self.lora:
+            to_lora(model, target / "lora", overwrite=True)
+        return target
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not (self.at_checkpoints and state.is_world_process_zero):
+            return
+        checkpoint = run_dir(args, state) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not checkpoint.is_dir():
+            logger.warning("ExportCallback: checkpoint folder %s not found; nothing exported.", checkpoint)
+            return
+        self.export(kwargs["model"], checkpoint, tokenizer=kwargs.get("processing_class"))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.export(kwargs["model"], run_dir(args, state), tokenizer=kwargs.get("processing_class"))
+
+
+def init_report_metrics(report: InitReport) -> dict[str, float]:
+    """Flat scalar metrics of an init report, named `init/...`, for trainer loggers.
+
+    Example:
+        >>> init_report_metrics(model.init_report)["init/max_reconstruction_error"]   # doctest: +SKIP
+        3.7e-09
+    """
+    modules = report.modules
+    metrics = {
+        "init/max_reconstruction_error": float(report.max_reconstruction_error),
+        "init/mean_reconstruction_rel": _mean([m.reconstruction_rel for m in modules]),
+        "init/rank": float(report.rank),
+        "init/scaling": float(report.scaling),
+        "init/residual": float(report.residual),
+        "init/modules": float(len(modules)),
+    }
+    mse = [m.mse for m in modules if m.mse is not None]
+    ratio = [m.mse_ratio for m in modules if m.mse_ratio is not None]
+    if mse:
+        metrics["init/mean_fit_mse"] = _mean(mse)
+    if ratio:
+        metrics["init/mean_mse_ratio"] = _mean(ratio)
+        metrics["init/max_mse_ratio"] = float(max(ratio))
+    qlora = [m.qlora_error for m in modules if getattr(m, "qlora_error", None) is not None]
+    if qlora:  # bitsandbytes bases: plain QLoRA's starting error, next to reconstruction_rel
+        metrics["init/mean_qlora_error"] = _mean(qlora)
+    return metrics
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+class InitReportCallback(TrainerCallback):
+    """Log the model's init report (`init/max_reconstruction_error`, `init/mean_mse_ratio`, ...) at train begin.
+
+    Give it the trainer so the metrics go through `trainer.log`: they then reach `trainer.state.log_history`
+    and every `report_to` logger (TensorBoard, W&B, ...), like the loss. Without a trainer they are only
+    appended to `state.log_history` and written to the `inilora_hf` logger.
+
+    Args:
+        trainer: The `Trainer` / `SFTTrainer` this callback is added to.
+
+    Example:
+        >>> trainer = SFTTrainer(model_init=inilora_init("./base"), args=args, train_dataset=ds)   # doctest: +SKIP
+        >>> trainer.add_callback(InitReportCallback(trainer))                                     # doctest: +SKIP
+    """
+
+    def __init__(self, trainer: Any = None) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        report = getattr(kwargs.get("model"), "init_report", None)
+        if not isinstance(report, InitReport):
+            logger.warning("InitReportCallback: the model has no `init_report` (not built by inilora_init); nothing logged.")
+            return
+        if state.is_world_process_zero:
+            logger.info("%s", report.summary())
+        metrics = init_report_metrics(report)
+        if self.trainer is not None:
+            self.trainer.log(metrics)
+        elif state.is_world_process_zero:
+            state.log_history.append({**metrics, "step": state.global_step})
+
+
+class PushStandardCheckpointCallback(TrainerCallback):
+    """At train end, push the merged checkpoint and/or the standard LoRA adapter to the Hub, with model cards.
+
+    Runs only when `args.push_to_hub` is set, on the world process zero. `args.hub_model_id` receives the
+    trainer's own pushes (the raw adapter with inilora_hf metadata), so the standard checkpoints go to their
+    own repos: `<hub_model_id>-merged` (library `transformers`) and `<hub_model_id>-lora` (library `peft`),
+    unless named explicitly (without `hub_model_id`, the output directory's name in the token owner's
+    namespace, as `Trainer` does). Uses `args.hub_token` and `args.hub_private_repo`.
+
+    Args:
+        merged: Push the merged checkpoint.
+        lora: Push the standard LoRA adapter.
+        merged_repo_id: Repo for the merged checkpoint (default `<hub_model_id>-merged`).
+        lora_repo_id: Repo for the adapter (default `<hub_model_id>-lora`).
+        dtype: Dtype of the merged weights (default: the base model's).
+        endpoint: Hub endpoint (default: `HF_ENDPOINT` / huggingface.co).
+
+    Example:
+        >>> args = TrainingArguments("out", push_to_hub=True, hub_model_id="me/llama-inilora")   # doctest: +SKIP
+        >>> trainer = Trainer(model_init=init, args=args, train_dataset=ds,                        # doctest: +SKIP
+        ...                   callbacks=[PushStandardCheckpointCallback()])
+        >>> trainer.train()   # pushes me/llama-inilora-merged and me/llama-inilora-lora          # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        merged: bool = True,
+        lora: bool = True,
+        merged_repo_id: str | None = None,
+        lora_repo_id: str | None = None,
+        dtype: Any = None,
+        endpoint: str | None = None,
+    ) -> None:
+        if not (merged or lora):
+            raise ValueError("PushStandardCheckpointCallback with merged=False and lora=False pushes nothing.")
+        self.merged = merged
+        self.lora = lora
+        self.merged_repo_id = merged_repo_id
+        self.lora_repo_id = lora_repo_id
+        self.dtype = dtype
+        self.endpoint = endpoint
+        self.pushed: dict[str, str] = {}
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not (args.push_to_hub and state.is_world_process_zero):
+            return
+        # Trainer itself defaults to a repo named after the output directory, in the token owner's namespace.
+        stem = args.hub_model_id or Path(args.output_dir).absolute().name
+        model = kwargs["model"]
+        api = HfApi(endpoint=self.endpoint, token=args.hub_token)
+        private = getattr(args, "hub_private_repo", None)
+        with tempfile.TemporaryDirectory(prefix="inilora-push-") as tmp:
+            if self.merged:
+                repo_id = self.merged_repo_id or f"{stem}-merged"
+                folder = to_merged(model, Path(tmp) / "merged", dtype=self.dtype, tokenizer=kwargs.get("processing_class"))
+                self.pushed["merged"] = self._push(api, repo_id, folder, model, kind="merged", private=private)
+            if self.lora:
+                repo_id = self.lora_repo_id or f"{stem}-lora"
+                folder = to_lora(model, Path(tmp) / "lora")
+                self.pushed["lora"] = self._push(api, repo_id, folder, model, kind="lora", private=private)
+
+    def _push(self, api: HfApi, repo_id: str, folder: Path, model: Any, *, kind: str, private: bool | None) -> str:
+        model_card(model, kind=kind).save(folder / "README.md")
+        repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=f"Upload {kind} checkpoint (inilora_hf standard export)"
+        )
+        logger.info("Pushed the %s checkpoint to %s (%s).", kind, repo_id, commit.oid)
+        return repo_id
+
+
+def model_card(model: Any, *, kind: str) -> ModelCard:
+    """The model card of a standard export: `kind="merged"` (library transformers) or `"lora"` (library peft).
+
+    Example:
+        >>> print(model_card(trained_model, kind="lora").data.library_name)      # doctest: +SKIP
+        peft
+    """
+    if kind not in ("merged", "lora"):
+        raise ValueError(f"kind must be 'merged' or 'lora', got {kind!r}.")
+    factor_set = model.factor_set
+    config = factor_set.config
+    spec = get_variant(config.variant)
+    base = factor_set.base_model if is_hub_id(factor_set.base_model) else None
+    data = ModelCardData(
+        base_model=base,
+        library_name="transformers" if kind == "merged" else "peft",
+        tags=["inilora", "lora", config.variant] + (["peft"] if kind == "lora" else []),
+    )
+    base_name = f'"{factor_set.base_model}"' if factor_set.base_model else "<base model>"
+    if kind == "merged":
+        how = "The LoRA update is merged into the weights: load it with `AutoModelForCausalLM.from_pretrained`."
+        residual = " The merged weights are `R + s·B·A = W0 + s·(B·A − B0·A0)`." if spec.residual else ""
+    else:
+        how = (
+            "A standard PEFT LoRA adapter for the unmodified base model: `PeftModel.from_pretrained("
+            f"AutoModelForCausalLM.from_pretrained({base_name}), <this repo>)`."
+        )
+        residual = (
+            " The variant trains on a residual base `R = W0 − s·B0·A0`; this adapter has rank 2r "
+            "(`A' = [A; A0]`, `B' = [B, −B0]`, same scaling) so that it applies to the original weights `W0`."
+            if spec.residual
+            else ""
+        )
+    repo, revision = factor_set.info.get("source_repo"), factor_set.info.get("source_revision")
+    factors = (f"`{repo}`" + (f" at commit `{revision}`" if revision else "")) if repo else None
+    lines = [
+        f"# {'Merged model' if kind == 'merged' else 'LoRA adapter'} trained with a `{config.variant}` LoRA init",
+        "",
+        f"Fine-tuned from `{factor_set.base_model or 'an unnamed base model'}` with LoRA (rank {config.rank}, "
+        f"alpha {config.lora_alpha:g}{', rsLoRA' if config.use_rslora else ''}, targets {config.target_modules!r}), "
+        f"initialised with the **{config.variant}** variant by `inilora_hf`.{residual}",
+        "",
+        how,
+        "",
+        f"- Init variant: `{config.variant}`" + (f" — {spec.description}" if spec.description else ""),
+        f"- Factor set: {factors or 'computed locally'} (config hash `{config.config_hash()}`, "
+        f"base-weight key `{factor_set.model_key}`)",
+    ]
+    if spec.citation:
+        lines += ["", "## Citation", "", "```", spec.citation.strip(), "```"]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
