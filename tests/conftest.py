@@ -149,6 +149,18 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread() -> Iterator[None]:
+    """The suite's matrices are tiny: one intra-op thread is fastest, and it avoids OpenMP spin-waits that made
+    20 000-step fits several times slower on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def isolated_factor_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own factor cache, so no test reads or writes the developer's real one."""

@@ -10,16 +10,6 @@ from benchmarks.reference import reference_fit
 from inilora_hf.fit import adam_fit, factor_mse, optimal_mse, randomized_svd_factors, svd_factors
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run single-threaded: these small problems gain nothing from intra-op threads, and on a
-    shared 2-core box the threads' spin-waits made the 20 000-step fits ~7× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _problem(shape: tuple[int, int, int], rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Targets N(0, 0.02²) and IniLoRA-style initial factors N(0, σ̄²), σ̄ = mean std of the targets."""
     generator = torch.Generator().manual_seed(seed)

@@ -23,15 +23,6 @@ TARGETS = ["q_proj", "v_proj"]
 INPUT_IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and avoids OpenMP spin-waits (60x slower) on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sharded_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama saved in ~25 safetensors shards of at most 50 KB."""
