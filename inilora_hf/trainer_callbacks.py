@@ -178,6 +178,9 @@ class PushStandardCheckpointCallback(TrainerCallback):
         lora: Push the standard LoRA adapter.
         merged_repo_id: Repo for the merged checkpoint (default `<hub_model_id>-merged`).
         lora_repo_id: Repo for the adapter (default `<hub_model_id>-lora`).
+        factors: Push the run's factor set (with its own model card and `init_adapter/`) so that others can
+            start from the same init; skipped when the factor set was itself pulled from the Hub.
+        factors_repo_id: Repo for the factor set (default `<hub_model_id>-factors`).
         dtype: Dtype of the merged weights (default: the base model's).
         endpoint: Hub endpoint (default: `HF_ENDPOINT` / huggingface.co).
 
@@ -195,6 +198,8 @@ class PushStandardCheckpointCallback(TrainerCallback):
         lora: bool = True,
         merged_repo_id: str | None = None,
         lora_repo_id: str | None = None,
+        factors: bool = True,
+        factors_repo_id: str | None = None,
         dtype: Any = None,
         endpoint: str | None = None,
     ) -> None:
@@ -204,6 +209,8 @@ class PushStandardCheckpointCallback(TrainerCallback):
         self.lora = lora
         self.merged_repo_id = merged_repo_id
         self.lora_repo_id = lora_repo_id
+        self.factors = factors
+        self.factors_repo_id = factors_repo_id
         self.dtype = dtype
         self.endpoint = endpoint
         self.pushed: dict[str, str] = {}
@@ -216,6 +223,13 @@ class PushStandardCheckpointCallback(TrainerCallback):
         model = kwargs["model"]
         api = HfApi(endpoint=self.endpoint, token=args.hub_token)
         private = getattr(args, "hub_private_repo", None)
+        factor_set = model.factor_set
+        if self.factors and not factor_set.info.get("source_repo"):
+            repo_id = self.factors_repo_id or f"{stem}-factors"
+            commit = factor_set.push_to_hub(repo_id, private=private, token=args.hub_token, endpoint=api.endpoint)
+            # From now on the run's cards (and later saves) reference the shared factor set.
+            factor_set.info.update(source_repo=commit.repo_url.repo_id, source_revision=commit.oid)
+            self.pushed["factors"] = commit.repo_url.repo_id
         with tempfile.TemporaryDirectory(prefix="inilora-push-") as tmp:
             if self.merged:
                 repo_id = self.merged_repo_id or f"{stem}-merged"

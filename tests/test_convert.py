@@ -6,6 +6,7 @@ subprocess that never imports inilora_hf; its logits must equal the trained mode
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -260,6 +261,21 @@ def test_push_standard_checkpoints_with_model_cards(exported: dict, hub, tmp_pat
         (tmp_path / "pulled" / name).write_bytes(data)
     pulled = AutoModelForCausalLM.from_pretrained(tmp_path / "pulled")
     assert (logits_of(pulled) - logits_of(model)).abs().max() <= TOLERANCE
+
+
+def test_push_also_shares_a_locally_computed_factor_set(exported: dict, hub, tmp_path: Path) -> None:
+    model = copy.deepcopy(exported["models"]["pissa"])
+    assert "source_repo" not in model.factor_set.info
+    args = TrainingArguments(str(tmp_path / "run"), push_to_hub=True, hub_model_id="tester/tiny-pissa",
+                             hub_token=hub.token, report_to=[])
+    callback = PushStandardCheckpointCallback(merged=False)
+    callback.on_train_end(args, TrainerState(), TrainerControl(), model=model, processing_class=None)
+    assert callback.pushed == {"factors": "tester/tiny-pissa-factors", "lora": "tester/tiny-pissa-lora"}
+    pulled = FactorSet.from_pretrained("tester/tiny-pissa-factors")
+    for name, module in model.factor_set.factors.items():
+        assert torch.equal(pulled.factors[name].lora_A, module.lora_A)
+    lora_card = hub.store.repo("tester/tiny-pissa-lora").files()["README.md"].decode()
+    assert "`tester/tiny-pissa-factors` at commit" in lora_card
 
 
 def test_push_is_skipped_without_push_to_hub(exported: dict, tmp_path: Path) -> None:
