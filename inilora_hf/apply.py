@@ -10,6 +10,7 @@ from torch import nn
 from .log import get_logger
 
 from .factors import RESIDUAL_KEY, FactorSet
+from .loraxs import CORE_KEY, attach_core, count_core_parameters
 from .report import InitReport, ModuleReport
 from .quantized import bnb_bits, fidelity, store_quantized
 from .targets import read_weight
@@ -82,6 +83,12 @@ def apply_factor_set(
     for name in sorted(factor_set.factors):
         report.modules.append(_apply_module(layers[name], factor_set, name, adapter_name, spec.residual))
     logger.info("LoRA init applied (%s):\n%s", source or spec.name, report.summary())
+    cores, core_parameters = count_core_parameters(peft_model, adapter_name=adapter_name)
+    if cores:
+        logger.info(
+            "LoRA-XS: only the r×r cores train: %d modules × r² = %d trainable parameters (A and B frozen).",
+            cores, core_parameters,
+        )
     return report
 
 
@@ -113,7 +120,10 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
         # copy=True: the LoRA parameters must not share storage with the factor set (training would write into A0/B0)
         lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=adapter_dtype or lora_A.dtype, copy=True).contiguous()
         lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=adapter_dtype or lora_B.dtype, copy=True).contiguous()
-        delta = scaling * (lora_B.float() @ lora_A.float())
+        folded_B = lora_B.float()
+        if CORE_KEY in factors.extra:  # LoRA-XS: s·B·R·A, only R trains
+            folded_B = folded_B @ attach_core(layer, adapter_name, factors.extra[CORE_KEY]).weight.float()
+        delta = scaling * (folded_B @ lora_A.float())
         if residual:
             stored = factors.extra.get(RESIDUAL_KEY)
             target = (weight - delta) if stored is None else stored.to(delta.device, torch.float32)

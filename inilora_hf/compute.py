@@ -65,7 +65,7 @@ def compute_factor_set(
     started = time.perf_counter()
     factors = run_variant(weights, config, device=device, gradients=gradients, max_group_bytes=max_group_bytes)
     seconds = time.perf_counter() - started
-    stats = fit_statistics(weights, factors, config.scaling, with_optimum=spec.approximates_weight, device=device)
+    stats = fit_statistics(weights, factors, config, device=device)
     logger.info("Computed %s factors for %d modules in %.1f s on %s.", spec.name, len(factors), seconds, device)
     return FactorSet(
         config=config,

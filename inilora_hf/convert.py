@@ -38,6 +38,7 @@ from torch import nn
 from .checkpoint import load_trained, model_dtype
 from .factors import FactorSet
 from .log import get_logger
+from .loraxs import fold_cores, folded_lora_B, initial_lora_B, is_loraxs
 from .targets import read_weight
 from .variants import get_variant
 
@@ -217,6 +218,7 @@ def standard_lora(model: PeftModel, *, adapter_name: str | None = None) -> tuple
     if not isinstance(config, LoraConfig):
         raise TypeError(f"Adapter {adapter!r} is a {type(config).__name__}, not a LoRA adapter.")
     state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter).items()}
+    fold_cores(state, peft_model, adapter_name=adapter)  # LoRA-XS: B' = B·R, the core dropped (rank r)
     if get_variant(factor_set.config.variant).residual:
         _append_initial_factors(state, config, factor_set)
     config.init_lora_weights = True
@@ -251,7 +253,8 @@ def _append_initial_factors(state: dict[str, torch.Tensor], config: LoraConfig, 
             ) from None
         # fp32: R was computed from the fp32 factors, so A0/B0 must not be rounded to a lower adapter dtype.
         state[f"{key}.lora_A.weight"] = torch.cat([lora_A.float(), initial.lora_A.float().cpu()], dim=0)
-        state[f"{key}.lora_B.weight"] = torch.cat([lora_B.float(), -initial.lora_B.float().cpu()], dim=1)
+        initial_B = initial_lora_B(initial.lora_B, initial.extra).cpu()  # B0·R0 for LoRA-XS factors
+        state[f"{key}.lora_B.weight"] = torch.cat([lora_B.float(), -initial_B], dim=1)
     config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
     config.r = 2 * config.r
 
@@ -264,7 +267,8 @@ def _merged_weight(layer: LoraLayer, adapter: str, name: str) -> torch.Tensor:
     """`W + s·B·A` of one LoRA layer in fp32, `(out, in)` (or `(in, out)` for `fan_in_fan_out` layers)."""
     if adapter not in layer.lora_A:
         raise ValueError(f"LoRA module {name!r} has no adapter {adapter!r} (it has {sorted(layer.lora_A)}).")
-    if layer.use_dora.get(adapter) or layer.lora_bias.get(adapter) or layer.lora_variant.get(adapter) is not None:
+    other_variant = layer.lora_variant.get(adapter) is not None and not is_loraxs(layer, adapter)
+    if layer.use_dora.get(adapter) or layer.lora_bias.get(adapter) or other_variant:
         raise ValueError(
             f"LoRA module {name!r} uses DoRA, a LoRA bias or another LoRA variant; only plain LoRA is converted. "
             "Train without `use_dora`/`lora_bias`."
@@ -272,7 +276,7 @@ def _merged_weight(layer: LoraLayer, adapter: str, name: str) -> torch.Tensor:
     if getattr(layer, "merged", False):
         raise ValueError(f"LoRA module {name!r} is merged into its base weight; call `model.unmerge_adapter()` first.")
     lora_A = layer.lora_A[adapter].weight.detach().float()
-    lora_B = layer.lora_B[adapter].weight.detach().float()
+    lora_B = folded_lora_B(layer, adapter)  # B, or B·R for LoRA-XS
     delta = layer.scaling[adapter] * (lora_B @ lora_A.to(lora_B.device))
     if getattr(layer, "fan_in_fan_out", False):
         delta = delta.T

@@ -105,6 +105,12 @@ class FactorSet:
         """Whether the residual `R` is stored (needed for quantized bases, where it cannot be recomputed)."""
         return any(RESIDUAL_KEY in f.extra for f in self.factors.values())
 
+    @property
+    def variant_extras(self) -> set[str]:
+        """Names of variant-specific tensors (e.g. a LoRA-XS `lora_core`) beyond A, B and the residual; when there
+        are none, the factors are exactly a standard LoRA adapter (and the Hub repo gets `init_adapter/`)."""
+        return {key for module in self.factors.values() for key in module.extra if key != RESIDUAL_KEY}
+
     def check_compatible(self, fingerprints: dict[str, dict[str, Any]]) -> None:
         """Raise `FactorSetMismatchError` naming the first module whose base weight differs.
 

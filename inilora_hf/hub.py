@@ -191,13 +191,13 @@ def write_repo_folder(
 
     folder = Path(folder)
     factor_set.save_pretrained(folder, include_residual=include_residual)
-    if _has_plain_lora_factors(factor_set):
+    if not factor_set.variant_extras:
         write_init_adapter(factor_set, folder / ADAPTER_SUBFOLDER)
     else:
         logger.info(
             "Variant %r stores extra tensors (%s) that a plain LoRA adapter cannot hold: no %s/ written.",
             factor_set.config.variant,
-            sorted(_extra_names(factor_set)),
+            sorted(factor_set.variant_extras),
             ADAPTER_SUBFOLDER,
         )
     factor_set_card(factor_set, repo_id, license=license, link_base_model=link_base_model).save(folder / "README.md")
@@ -418,13 +418,4 @@ def _base_model_license(api: HfApi, factor_set: FactorSet) -> str | None:
     except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as error:
         logger.debug("No license found for base model %s: %s", factor_set.base_model, error)
         return None
-
-
-def _extra_names(factor_set: FactorSet) -> set[str]:
-    return {key for module in factor_set.factors.values() for key in module.extra if key != RESIDUAL_KEY}
-
-
-def _has_plain_lora_factors(factor_set: FactorSet) -> bool:
-    """Whether the factors are exactly a LoRA adapter (no variant extras such as a LoRA-XS core)."""
-    return not _extra_names(factor_set)
 

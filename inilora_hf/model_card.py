@@ -111,6 +111,12 @@ def _intro(factor_set: FactorSet, repo_id: str, base: str | None) -> str:
         if spec.residual
         else "The base weights are used unchanged; only the adapter's initial A/B differ from a fresh LoRA."
     )
+    adapter_row = (
+        "| `init_adapter/` | the same A/B as a standard PEFT LoRA adapter (`init_lora_weights: true`) |\n"
+        if not factor_set.variant_extras
+        else f"| `factors*.safetensors` | also `<module>.{'`, `<module>.'.join(sorted(factor_set.variant_extras))}`: "
+        "variant tensors a plain LoRA adapter cannot hold, so there is no `init_adapter/` |\n"
+    )
     return f"""
 # {repo_id.split("/")[-1]}
 
@@ -126,8 +132,7 @@ initialisation is computed once and reused across runs. {spec.description}
 |---|---|
 | `inilora_factors.json` | the InitConfig, the base model's identity and per-module weight fingerprints, fit statistics, checksums |
 | `factors*.safetensors` | `<module>.lora_A` `(r, in)` and `<module>.lora_B` `(out, r)` in fp32, for {len(factor_set.factors)} modules |
-| `init_adapter/` | the same A/B as a standard PEFT LoRA adapter (`init_lora_weights: true`) |
-"""
+{adapter_row}"""
 
 
 def _usage(factor_set: FactorSet, repo_id: str) -> str:
@@ -138,7 +143,9 @@ def _usage(factor_set: FactorSet, repo_id: str) -> str:
     local_name = PurePosixPath(str(factor_set.base_model or "base-model")).name
     base_ref = factor_set.base_model if hub_base else f"path/to/{local_name}"
     revision = f", revision={json.dumps(factor_set.base_revision)}" if hub_base and factor_set.base_revision else ""
-    if spec.residual:
+    if factor_set.variant_extras:
+        plain = None
+    elif spec.residual:
         plain = f"""
 import math
 
@@ -194,10 +201,17 @@ hf download {repo_id}
 inilora-hf pull {repo_id}   # same, prints the local path
 ```
 
-Without inilora_hf, with plain `transformers` + `peft`:
+{_plain_usage(plain)}"""
 
-```python{plain}```
-"""
+
+def _plain_usage(code: str | None) -> str:
+    if code is None:
+        return (
+            "Without inilora_hf: this variant's factors include tensors that a plain PEFT LoRA adapter cannot hold, "
+            "so there is no `init_adapter/`; a model trained from them converts to a standard rank-r adapter with "
+            "`inilora_hf.convert.to_lora`.\n"
+        )
+    return f"Without inilora_hf, with plain `transformers` + `peft`:\n\n```python{code}```\n"
 
 
 def _configuration(factor_set: FactorSet) -> str:

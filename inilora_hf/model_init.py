@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .log import get_logger
 
 from .apply import wrap_with_factors
+from .calibration import CalibrationSource, calibrate, estimate_gradients
 from .compute import compute_factor_set, default_device, model_fingerprints
 from .config import InitConfig, normalize_targets
 from .cache import get_or_build
@@ -24,6 +25,7 @@ from .factors import FactorSet
 from .fingerprint import model_key, weight_fingerprint
 from .quantized import layer_settings, quantization_ready
 from .targets import check_rank, find_target_linears, read_weight
+from .variants import get_variant
 
 logger = get_logger(__name__)
 
@@ -62,6 +64,7 @@ class InitFunction:
         use_cache: bool = True,
         cache_dir: str | os.PathLike | None = None,
         quantization_options: dict[str, Any] | None = None,
+        calibration: CalibrationSource | None = None,
     ) -> None:
         if isinstance(model, PeftModel):
             raise TypeError(
@@ -87,6 +90,9 @@ class InitFunction:
         self._use_cache = use_cache
         self._quantization_options = quantization_options or {}
         self._cache_dir = cache_dir
+        self._calibration = calibration or CalibrationSource()
+        self._default_calibration: CalibrationSource | None = None
+        self._default_eta: float | None = None
 
     @property
     def base_model_name(self) -> str | None:
@@ -94,6 +100,39 @@ class InitFunction:
         if isinstance(self._model, nn.Module):
             return getattr(getattr(self._model, "config", None), "_name_or_path", None) or None
         return str(self._model)
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        """True for a data-driven variant that still has to be computed and was given no `calibration_data`
+        (a trainer can then offer its train dataset with `set_default_calibration`)."""
+        return (
+            self.factor_set is None
+            and self._factors_source is None
+            and get_variant(self.config.variant).needs_gradients
+            and self._calibration.data is None
+        )
+
+    def set_default_calibration(
+        self,
+        data: Any,
+        *,
+        batch_size: int | None = None,
+        collate_fn: Any = None,
+        eta: float | None = None,
+    ) -> None:
+        """Calibration data (and `eta`) to use when `inilora_init` was given none: a trainer's train dataset,
+        collator, per-device batch size and first-step learning rate. Explicit `calibration_data=`,
+        `calibration_batch_size=` and `eta=` arguments take precedence; `calibration_samples=` applies to this
+        data too. Called by `inilora_hf.SFTTrainer` before it calls `model_init`.
+
+        Example:
+            >>> init.set_default_calibration(tokenized_train, batch_size=8, collate_fn=collator, eta=1e-5)   # doctest: +SKIP
+        """
+        self._default_calibration = CalibrationSource(
+            data, samples=self._calibration.samples, batch_size=self._calibration.batch_size or batch_size,
+            collate_fn=collate_fn,
+        )
+        self._default_eta = eta
 
     def load_base_model(self) -> nn.Module:
         """A fresh, unmodified copy of the base model (loaded from disk/Hub, or deep-copied)."""
@@ -114,7 +153,7 @@ class InitFunction:
             self.factor_set = FactorSet.from_pretrained(self._factors_source)
             self.factor_source = str(self._factors_source)
         if self.factor_set is None:
-            self.factor_set, self.factor_source = self._compute_or_load_cached(weights, fingerprints)
+            self.factor_set, self.factor_source = self._compute_or_load_cached(weights, fingerprints, base)
         else:
             self._check_factor_set(fingerprints)
             if self.config.quantization is not None and not self.factor_set.has_residual:
@@ -147,9 +186,16 @@ class InitFunction:
         return weights, {n: weight_fingerprint(w) for n, w in weights.items()}
 
     def _compute_or_load_cached(
-        self, weights: dict[str, torch.Tensor], fingerprints: dict[str, dict]
+        self, weights: dict[str, torch.Tensor], fingerprints: dict[str, dict], base: nn.Module
     ) -> tuple[FactorSet, str]:
-        """Compute the factor set, through the local cache unless `use_cache=False`."""
+        """Compute the factor set, through the local cache unless `use_cache=False`.
+
+        For a data-driven variant the calibration samples are read first and their identity (and a derived
+        `eta`) enters the config, hence the cache key; the gradient pass on `base` runs only on a cache miss."""
+        calibration = None
+        if get_variant(self.config.variant).needs_gradients:
+            source = self._calibration if self._calibration.data is not None else self._default_calibration
+            self.config, calibration = calibrate(self.config, source, base, default_eta=self._default_eta)
 
         def compute() -> FactorSet:
             factor_set = compute_factor_set(
@@ -159,6 +205,9 @@ class InitFunction:
                 base_model=self.base_model_name,
                 base_revision=self._revision,
                 device=self._device if self._device is not None else default_device(),
+                gradients=None if calibration is None else estimate_gradients(
+                    base, calibration.batches, list(weights), sample_counts=calibration.sample_counts
+                ),
                 max_group_bytes=self._max_group_bytes,
             )
             if self.config.quantization is not None:
@@ -232,6 +281,9 @@ def inilora_init(
     quantization_config: Any = None,
     refine_steps: int = 0,
     adapter_dtype: str = "bfloat16",
+    calibration_data: Any = None,
+    calibration_samples: int | None = None,
+    calibration_batch_size: int | None = None,
     **options: Any,
 ) -> InitFunction:
     """Create a `model_init` callable that returns a LoRA `PeftModel` initialised with `variant`.
@@ -240,7 +292,7 @@ def inilora_init(
         model: A Hub id, a local directory, or an already-loaded `PreTrainedModel` (deep-copied on each call,
             so the object you pass is never modified).
         variant: An init variant name (`inilora`, `inilora-alpha`, `inilora-beta`, `pissa`, `milora`, `lora`,
-            `gaussian`, or one registered with `register_variant`).
+            `gaussian`, `lora-sb` (data-driven), or one registered with `register_variant`).
         rank: LoRA rank (default 8). With `factors=`, defaults to the factor set's.
         lora_alpha: LoRA alpha (default: `rank`, i.e. scaling 1 as in the IniLoRA recipes).
         use_rslora: Rank-stabilised scaling.
@@ -266,8 +318,16 @@ def inilora_init(
             are rounded to it before `R` is computed, so `R + s·B·A` holds for the values that train.
         use_cache: Look up / store computed factor sets in the cache (keyed by base weights + config). Concurrent
             processes (e.g. the ranks of a `torchrun` job) compute a key once; the others wait and load it.
+        calibration_data: Data-driven variants (`lora-sb`): tokenized rows (a `datasets.Dataset`, a list of dicts
+            with `input_ids` and optionally `attention_mask` / `labels`) or model-input batches (a `DataLoader`).
+            With `inilora_hf.SFTTrainer(model_init=...)` it defaults to the trainer's prepared train dataset.
+            The sha256 of the exact samples used is recorded in `options["calibration"]` (part of the cache key).
+        calibration_samples: Use exactly this many samples, the first ones in order (default: up to 64).
+        calibration_batch_size: Rows per gradient batch for row data (default: the trainer's per-device batch
+            size, else 8). Each batch's loss is divided by its sample count, as in LoRA-SB's code.
         **options: Variant options, e.g. `steps=20000, lr=5e-4, seed=0` (inilora), `sigma=0.5`
-            (inilora-alpha), `kaiming="uniform"` (inilora-beta).
+            (inilora-alpha), `kaiming="uniform"` (inilora-beta), `eta=1e-5` (lora-sb: the first optimizer
+            step's learning rate; `inilora_hf.SFTTrainer` derives it from its arguments when not given).
 
     Returns:
         An `InitFunction`; call it (or let a Trainer call it) to get a `PeftModel` with `.factor_set` and
@@ -321,7 +381,13 @@ def inilora_init(
         use_cache=use_cache,
         cache_dir=cache_dir,
         quantization_options={"refine_steps": refine_steps, "adapter_dtype": adapter_dtype},
+        calibration=CalibrationSource(calibration_data, calibration_samples, calibration_batch_size),
     )
+    if calibration_data is not None and (factors is not None or not get_variant(config.variant).needs_gradients):
+        raise ValueError(
+            f"`calibration_data` has no effect with {'`factors=`' if factors is not None else f'variant {config.variant!r}'}: "
+            "only data-driven variants (e.g. 'lora-sb') computed here use it. Drop it."
+        )
     if factors is not None and options:
         raise ValueError(
             f"Variant options {sorted(options)} have no effect with `factors=`: the factor set fixes them. "

@@ -9,34 +9,36 @@ import torch
 
 from .fit import factor_mse, optimal_mse
 from .grouping import shape_groups, stack
-from .variants import ModuleFactors
+from .config import InitConfig
+from .variants import ModuleFactors, get_variant
 
 
 def fit_statistics(
     weights: Mapping[str, torch.Tensor],
     factors: Mapping[str, ModuleFactors],
-    scaling: float,
+    config: InitConfig,
     *,
-    with_optimum: bool,
     device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, float]]:
-    """Per module: `mse` = mean((s·B·A − W0)²), and with `with_optimum` the rank-r SVD optimum and the ratio.
+    """For variants whose factors approximate W0 (inilora, pissa, milora), per module: `mse` =
+    mean((s·B·A − W0)²), the rank-r SVD optimum `optimal_mse` and `mse_ratio`; `{}` for other variants, where
+    s·B·A is not meant to approximate W0.
 
     Computed in fp32, batched by shape, without forming the (out, in) error matrix.
     """
+    if not get_variant(config.variant).approximates_weight:
+        return {}
+    scaling = config.scaling
     stats: dict[str, dict[str, float]] = {}
     for names in shape_groups({n: tuple(w.shape) for n, w in weights.items()}):
         target = stack(weights, names, device=device)
         lora_B = torch.stack([factors[n].lora_B.float() for n in names]).to(device) * scaling
         lora_A = torch.stack([factors[n].lora_A.float() for n in names]).to(device)
         mse = factor_mse(target, lora_B, lora_A).cpu()
-        optimum = optimal_mse(target, lora_A.shape[1]).cpu() if with_optimum else None
+        optimum = optimal_mse(target, lora_A.shape[1]).cpu()
         for i, name in enumerate(names):
-            row = {"mse": float(mse[i])}
-            if optimum is not None:
-                row["optimal_mse"] = float(optimum[i])
-                row["mse_ratio"] = float(mse[i] / optimum[i]) if optimum[i] > 0 else float("nan")
-            stats[name] = row
+            ratio = float(mse[i] / optimum[i]) if optimum[i] > 0 else float("nan")
+            stats[name] = {"mse": float(mse[i]), "optimal_mse": float(optimum[i]), "mse_ratio": ratio}
     return stats
 
 

@@ -390,9 +390,7 @@ def compute_streamed(
                     config=config,
                     factors=group_factors,
                     fingerprints={name: fingerprints[name] for name in names},
-                    stats=fit_statistics(
-                        weights, group_factors, config.scaling, with_optimum=spec.approximates_weight, device=device
-                    ),
+                    stats=fit_statistics(weights, group_factors, config, device=device),
                     info={"work_key": key, "group": index, "compute_seconds": seconds},
                 )
                 del weights

@@ -13,6 +13,8 @@ from transformers import Trainer
 from transformers.trainer_utils import enable_full_determinism, set_seed
 from trl.trainer.utils import add_fused_lm_head
 
+from .calibration import offer_trainer_calibration
+
 
 class SFTTrainer(trl.SFTTrainer):
     """`trl.SFTTrainer` plus `model_init=`, like `transformers.Trainer`.
@@ -21,6 +23,11 @@ class SFTTrainer(trl.SFTTrainer):
     called once here, reused by the first `train()`, and called again for every later `train()` and every
     `hyperparameter_search` trial, each time receiving the post-processing `trl.SFTTrainer.__init__` gives a
     model (pad ids, input grads for gradient checkpointing, fused LM head, bf16 LoRA on quantized bases).
+
+    A data-driven init (`variant="lora-sb"`) given no `calibration_data` uses this trainer's own train
+    dataset as TRL prepares it, its data collator and per-device batch size, and (unless `eta=` was given)
+    the learning rate of the first optimizer step under `args` (see `inilora_hf.calibration`): the trainer is
+    built around the plain base model first, and the PEFT model replaces it once the data is ready.
 
     Example:
         >>> from trl import SFTConfig
@@ -53,10 +60,26 @@ class SFTTrainer(trl.SFTTrainer):
                     )
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             self.model_init = model_init
-            model = Trainer.call_model_init(self)
+            # Data-driven inits need the train dataset, which trl prepares in __init__, which needs a model: build
+            # the trainer around the plain base model, then replace it by model_init's PEFT model.
+            needs_data = getattr(model_init, "needs_calibration_data", False)
+            model = model_init.load_base_model() if needs_data else Trainer.call_model_init(self)
+        else:
+            needs_data = False
         super().__init__(model, args, *pos, **kwargs)
         self.model_init = model_init
+        if needs_data:
+            del model
+            self._init_with_train_data(model_init)
         self._initial_model = self.model if model_init is not None else None
+
+    def _init_with_train_data(self, model_init: Any) -> None:
+        """Give `model_init` this trainer's prepared train data as calibration data, then build the model."""
+        offer_trainer_calibration(model_init, self)
+        self.model = self.model_wrapped = self.callback_handler.model = None  # free the stand-in first
+        enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
+        model = self._postprocess(Trainer.call_model_init(self))
+        self.model = self.model_wrapped = self.callback_handler.model = model
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         """Reuse the model built in `__init__` for the first `train()`; otherwise build and post-process anew."""

@@ -396,3 +396,18 @@ def test_cli_push_and_pull(hub, factor_set: FactorSet, tmp_path: Path, capsys: p
 
     assert main(["pull", "tester/nope"]) == 2
     assert "tester/nope" in capsys.readouterr().err
+
+
+def test_card_of_a_factor_set_with_variant_tensors_has_no_plain_peft_snippet(factor_set: FactorSet) -> None:
+    with_core = dataclasses.replace(
+        factor_set,
+        factors={
+            name: dataclasses.replace(module, extra={"lora_core": torch.eye(module.lora_A.shape[0])})
+            for name, module in factor_set.factors.items()
+        },
+    )
+    assert with_core.variant_extras == {"lora_core"} and not factor_set.variant_extras
+    text = str(factor_set_card(with_core, "org/tiny-core"))
+    assert "there is no `init_adapter/`" in text
+    assert "PeftModel.from_pretrained" not in text and "`<module>.lora_core`" in text
+    assert "PeftModel.from_pretrained" in str(factor_set_card(factor_set, "org/tiny"))

@@ -90,6 +90,18 @@ def test_inilora_fits_scaled_product_when_alpha_differs_from_rank() -> None:
     np.testing.assert_allclose(scaled, best, atol=1e-6)
 
 
+def test_inilora_fast_solvers_reach_the_optimum() -> None:
+    rng = np.random.default_rng(5)
+    matrix = rng.standard_normal((96, 80)) * np.linspace(1, 0.01, 80)  # decaying column scales
+    weights = {"layer.q_proj": torch.tensor(matrix, dtype=torch.float32)}
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    optimum = (singular[8:] ** 2).sum() / matrix.size
+    for solver in ("svd", "rsvd"):
+        factors = run_variant("inilora", weights, solver=solver)["layer.q_proj"]
+        mse = (((factors.lora_B.double() @ factors.lora_A.double()).numpy() - matrix) ** 2).mean()
+        assert mse <= 1.001 * optimum, solver
+
+
 def test_inilora_alpha_draws_wide_gaussians() -> None:
     weights = {f"l{i}.q_proj": torch.zeros(512, 512) for i in range(2)}
     factors = run_variant("inilora-alpha", weights)

@@ -1,6 +1,6 @@
-"""Init variants: the registry plus the built-in families (random, approximation, SVD)."""
+"""Init variants: the registry plus the built-in families (random, approximation, SVD, data-driven)."""
 
-from . import approximation, random, svd  # noqa: F401  (registers the built-in variants)
+from . import approximation, data_driven, random, svd  # noqa: F401  (registers the built-in variants)
 from .registry import (
     ModuleFactors,
     VariantInputs,
