@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +13,16 @@ import torch
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from .log import get_logger
 
 from .apply import wrap_with_factors
+from .cache import get_or_build
 from .calibration import CalibrationSource, calibrate, estimate_gradients
+from .checkpoint import attach_init_metadata
 from .compute import compute_factor_set, default_device, model_fingerprints
 from .config import InitConfig, normalize_targets
-from .cache import get_or_build
-from .checkpoint import attach_init_metadata
 from .factors import FactorSet
 from .fingerprint import model_key, weight_fingerprint
+from .log import get_logger
 from .quantized import layer_settings, quantization_ready
 from .targets import check_rank, find_target_linears, read_weight
 from .variants import get_variant
@@ -157,7 +157,12 @@ class InitFunction:
         else:
             self._check_factor_set(fingerprints)
             if self.config.quantization is not None and not self.factor_set.has_residual:
-                self.factor_set.factors = quantization_ready(self.factor_set.factors, weights, self.config)
+                # A full-precision factor set on a quantized base: derive the quantization-ready one (a copy).
+                self.factor_set = replace(
+                    self.factor_set,
+                    config=self.config,
+                    factors=quantization_ready(self.factor_set.factors, weights, self.config),
+                )
         self._verified = True
         return self.factor_set
 

@@ -73,6 +73,12 @@ def test_mismatched_quantization_settings_are_refused(base_dir, tmp_path) -> Non
     # The same settings load it (and reuse its stored residual).
     model = inilora_init(base_dir, factors=tmp_path / "fs", quantization_config=CONFIGS["nf4"]())()
     assert model.init_report.max_reconstruction_error < 1.0
+    # A full-precision factor set is made quantization-ready on the fly for a quantized base.
+    full_precision = inilora_init(base_dir, variant="pissa").prepare()
+    assert full_precision.config.quantization is None and not full_precision.has_residual
+    quantized = inilora_init(base_dir, factors=full_precision, quantization_config=CONFIGS["nf4"]())()
+    rows = quantized.init_report.modules
+    assert all(r.quantized_init_error is not None and r.quantized_init_error < r.qlora_error for r in rows)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
