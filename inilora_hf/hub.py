@@ -39,7 +39,7 @@ from huggingface_hub.utils import get_token
 from safetensors.torch import save_file
 
 from .errors import FactorSetCorruptError, FactorSetError
-from .factors import METADATA_NAME, RESIDUAL_KEY, read_metadata
+from .factors import METADATA_NAME, read_metadata
 from .log import get_logger
 
 if TYPE_CHECKING:

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 from inilora_hf import FactorSet, available_variants, get_variant, inilora_init
 from inilora_hf import convert
 from inilora_hf.trainer_callbacks import PushStandardCheckpointCallback
+from tests import helpers
 
 TOLERANCE = 1e-4
 INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -51,21 +52,8 @@ def init_for(case: str, base_dir: Path, cache_dir: Path):
     )
 
 
-def train_a_few_steps(model: torch.nn.Module, steps: int = 2, lr: float = 1e-2) -> None:
-    """Plain Adam steps on a fixed batch: large enough that every A and B moves visibly."""
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
 def logits_of(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=INPUT_IDS).logits.float()
+    return helpers.logits_of(model, INPUT_IDS)
 
 
 RELOAD_SCRIPT = r"""
@@ -106,7 +94,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
         folder = root / case
         model = init_for(case, base_dir, root / "cache")()
         initial = {n: (f.lora_A.clone(), f.lora_B.clone()) for n, f in model.factor_set.factors.items()}
-        train_a_few_steps(model)
+        helpers.train_a_few_steps(model)
         factors_kept[case] = all(
             torch.equal(f.lora_A, initial[n][0]) and torch.equal(f.lora_B, initial[n][1])
             for n, f in model.factor_set.factors.items()

@@ -4,8 +4,6 @@ and `SFTTrainer(model_init=...)` using its own train dataset."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from inilora_hf.calibration import (
     pad_collate,
 )
 from inilora_hf.loraxs import count_core_parameters
+from tests import helpers
 
 RANK, ALPHA, ETA = 4, 8, 1e-3  # scaling s = 2
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -60,19 +59,7 @@ def independent_first_step(base_dir: Path, rows: list[dict]) -> dict[str, np.nda
 
 
 def logits_of(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=INPUT_IDS).logits.float()
-
-
-def train_steps(model: torch.nn.Module, steps: int = 2) -> None:
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    return helpers.logits_of(model, INPUT_IDS)
 
 
 # ------------------------------------------------------------------------------------------------- factors
@@ -154,23 +141,6 @@ def test_missing_data_or_eta_is_explained(tiny_base_dir: Path, rows, tmp_path: P
 # ------------------------------------------------------------------------------------- training and export
 
 
-RELOAD_SCRIPT = r"""
-import json, sys
-import torch
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-
-spec = json.loads(sys.argv[1])
-ids = torch.tensor(spec["input_ids"])
-reference = torch.load(spec["logits"])
-with torch.no_grad():
-    merged = AutoModelForCausalLM.from_pretrained(spec["merged"])
-    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec["base"]), spec["lora"])
-    result = {"merged": (merged(input_ids=ids).logits - reference).abs().max().item(),
-              "lora": (lora(input_ids=ids).logits - reference).abs().max().item(),
-              "inilora_hf_imported": "inilora_hf" in sys.modules}
-print(json.dumps(result))
-"""
 
 
 def test_only_cores_train_and_exports_reproduce_the_trained_model(tiny_base_dir: Path, rows, tmp_path: Path) -> None:
@@ -182,7 +152,7 @@ def test_only_cores_train_and_exports_reproduce_the_trained_model(tiny_base_dir:
     assert (logits_of(model) - base_logits).abs().max() > 1e-6  # W0 untouched: the init is the first step
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_steps(model)
+    helpers.train_a_few_steps(model)
     moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert moved == set(trainable)  # every core moved, nothing else (A, B, W0 frozen)
     trained = logits_of(model)
@@ -194,13 +164,9 @@ def test_only_cores_train_and_exports_reproduce_the_trained_model(tiny_base_dir:
     assert saved["r"] == RANK and saved["lora_alpha"] == ALPHA and saved["init_lora_weights"] is True
     assert not any("lora_core" in key for key in tensors) and len(tensors) == 12  # plain rank-r: A and B·R
 
-    torch.save(trained, tmp_path / "logits.pt")
-    spec = {"base": str(tiny_base_dir), "merged": str(tmp_path / "merged"), "lora": str(tmp_path / "lora"),
-            "logits": str(tmp_path / "logits.pt"), "input_ids": INPUT_IDS.tolist()}
-    run = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = helpers.reload_exports_without_inilora(
+        tiny_base_dir, tmp_path / "merged", tmp_path / "lora", INPUT_IDS, trained, tmp_path
+    )
     assert result["inilora_hf_imported"] is False
     assert result["merged"] <= TOLERANCE and result["lora"] <= TOLERANCE
 

@@ -3,15 +3,13 @@ Hub round trip, training, and conversion to checkpoints that plain transformers 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from inilora_hf import FactorSet, ModuleFactors, VariantInputs, convert, inilora_init, register_variant
+from tests import helpers
 
 RANK, ALPHA = 4, 8
 TOLERANCE = 1e-4
@@ -42,28 +40,9 @@ def make_init(base_dir: Path, cache_dir: Path, **kwargs):
 
 
 def logits_of(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=INPUT_IDS).logits.float()
+    return helpers.logits_of(model, INPUT_IDS)
 
 
-RELOAD_SCRIPT = r"""
-import json, sys
-import torch
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-
-spec = json.loads(sys.argv[1])
-ids = torch.tensor(spec["input_ids"])
-reference = torch.load(spec["logits"])
-with torch.no_grad():
-    merged = AutoModelForCausalLM.from_pretrained(spec["merged"])
-    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec["base"]), spec["lora"])
-    result = {"merged": (merged(input_ids=ids).logits - reference).abs().max().item(),
-              "lora": (lora(input_ids=ids).logits - reference).abs().max().item(),
-              "r": lora.peft_config["default"].r,
-              "inilora_hf_imported": "inilora_hf" in sys.modules}
-print(json.dumps(result))
-"""
 
 
 def test_plugin_variant_goes_through_the_whole_pipeline(hub, tiny_base_dir: Path, tmp_path: Path) -> None:
@@ -93,24 +72,15 @@ def test_plugin_variant_goes_through_the_whole_pipeline(hub, tiny_base_dir: Path
     base_logits = logits_of(AutoModelForCausalLM.from_pretrained(tiny_base_dir))
     assert (logits_of(model) - base_logits).abs().max() <= 1e-5  # residual: the init leaves the model unchanged
 
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    model.eval()
+    helpers.train_a_few_steps(model, steps=1)
     trained = logits_of(model)
     assert (trained - base_logits).abs().max() > 1e-3  # the step moved the model
 
     convert.to_merged(model, tmp_path / "merged")
     convert.to_lora(model, tmp_path / "lora")
-    torch.save(trained, tmp_path / "logits.pt")
-    spec = {"base": str(tiny_base_dir), "merged": str(tmp_path / "merged"), "lora": str(tmp_path / "lora"),
-            "logits": str(tmp_path / "logits.pt"), "input_ids": INPUT_IDS.tolist()}
-    run = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = helpers.reload_exports_without_inilora(
+        tiny_base_dir, tmp_path / "merged", tmp_path / "lora", INPUT_IDS, trained, tmp_path
+    )
     assert result["inilora_hf_imported"] is False
     assert result["r"] == 2 * RANK  # residual variant: A' = [A; A0], B' = [B, −B0]
     assert result["merged"] <= TOLERANCE and result["lora"] <= TOLERANCE

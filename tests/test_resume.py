@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerControl, TrainerS
 from inilora_hf import FactorSet, FactorSetMismatchError, inilora_init
 from inilora_hf.checkpoint import INIT_FACTORS_DIR, INIT_METADATA_NAME, load_trained
 from inilora_hf.trainer_callbacks import ExportCallback, InitReportCallback, run_dir
-from tests.test_convert import INPUT_IDS, logits_of, make_tiny_base
+from tests.test_convert import logits_of, make_tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
