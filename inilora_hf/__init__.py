@@ -15,17 +15,14 @@ from .errors import (
     FactorSetCorruptError,
     FactorSetError,
     FactorSetFormatError,
+    FactorSetHubError,
     FactorSetMismatchError,
+    FactorSetNotFoundError,
+    HubAuthenticationError,
     TargetModuleError,
 )
 from .factors import FactorSet
-from .hub import (
-    FactorSetHubError,
-    FactorSetNotFoundError,
-    HubAuthenticationError,
-    download_factor_set,
-    push_factor_set,
-)
+from .hub import download_factor_set, push_factor_set
 from .model_init import InitFunction, inilora_init
 from .report import InitReport
 from .trainer_callbacks import ExportCallback, InitReportCallback, PushStandardCheckpointCallback

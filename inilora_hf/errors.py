@@ -19,3 +19,16 @@ class FactorSetMismatchError(FactorSetError):
 
 class TargetModuleError(ValueError):
     """`target_modules` matches nothing, or matches a module inilora_hf cannot initialise."""
+
+
+class FactorSetHubError(FactorSetError):
+    """A factor set could not be pushed to or pulled from the Hub."""
+
+
+class FactorSetNotFoundError(FactorSetHubError):
+    """No factor set at that repo / revision: the repo or revision does not exist (or is private), the repo is
+    not an inilora_hf factor-set repo, or it is not in the local cache while offline."""
+
+
+class HubAuthenticationError(FactorSetHubError):
+    """A push needs a Hugging Face token with write access, and none was found or it was refused."""

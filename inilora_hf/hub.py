@@ -38,7 +38,12 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_token
 from safetensors.torch import save_file
 
-from .errors import FactorSetCorruptError, FactorSetError
+from .errors import (
+    FactorSetCorruptError,
+    FactorSetError,
+    FactorSetNotFoundError,
+    HubAuthenticationError,
+)
 from .factors import METADATA_NAME, read_metadata
 from .log import get_logger
 
@@ -55,19 +60,6 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # same commit. Anything else in the repo (user files, .gitattributes) is left alone.
 _MANAGED_FILE = re.compile(rf"factors[^/]*\.safetensors(\.index\.json)?|{ADAPTER_SUBFOLDER}/.+")
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-
-
-class FactorSetHubError(FactorSetError):
-    """A factor set could not be pushed to or pulled from the Hub."""
-
-
-class FactorSetNotFoundError(FactorSetHubError):
-    """No factor set at that repo / revision: the repo or revision does not exist (or is private), the repo is
-    not an inilora_hf factor-set repo, or it is not in the local cache while offline."""
-
-
-class HubAuthenticationError(FactorSetHubError):
-    """A push needs a Hugging Face token with write access, and none was found or it was refused."""
 
 
 def push_factor_set(

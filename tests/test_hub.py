@@ -18,10 +18,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from inilora_hf import FactorSet, InitConfig, inilora_init
-from inilora_hf.errors import FactorSetCorruptError, FactorSetMismatchError
-from inilora_hf.hub import (
+from inilora_hf.errors import (
+    FactorSetCorruptError,
+    FactorSetMismatchError,
     FactorSetNotFoundError,
     HubAuthenticationError,
+)
+from inilora_hf.hub import (
     download_factor_set,
     push_factor_set,
     snapshot_commit,
