@@ -7,12 +7,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
-from .log import get_logger
 
 from .factors import RESIDUAL_KEY, FactorSet
+from .log import get_logger
 from .loraxs import CORE_KEY, attach_core, count_core_parameters
-from .report import InitReport, ModuleReport
 from .quantized import bnb_bits, fidelity, store_quantized
+from .report import InitReport, ModuleReport
 from .targets import read_weight
 from .variants import get_variant
 

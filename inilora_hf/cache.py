@@ -54,8 +54,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from filelock import FileLock
-from .log import get_logger
 
+from .log import get_logger
 
 logger = get_logger(__name__)
 

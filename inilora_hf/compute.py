@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from .log import get_logger
 
 from .config import InitConfig
 from .factors import FactorSet, library_versions, now_iso
 from .fingerprint import weight_fingerprint
+from .log import get_logger
 from .report import fit_statistics
-from .targets import check_rank, find_target_linears, read_weight
+from .targets import find_target_linears
 from .variants import ModuleFactors, VariantInputs, get_variant
 
 logger = get_logger(__name__)
@@ -23,13 +23,6 @@ logger = get_logger(__name__)
 def default_device() -> torch.device:
     """CUDA when available (the fit is bandwidth-bound), else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def target_weights(model: nn.Module, config: InitConfig) -> dict[str, torch.Tensor]:
-    """fp32 `(out, in)` weights of the modules `config` targets, validated (Linear, rank ≤ min(out, in))."""
-    modules = find_target_linears(model, config.target_modules)
-    check_rank(modules, config.rank)
-    return {name: read_weight(module) for name, module in modules.items()}
 
 
 def model_fingerprints(model: nn.Module, config: InitConfig) -> dict[str, dict]:
@@ -53,7 +46,7 @@ def compute_factor_set(
 
     Example:
         >>> cfg = InitConfig("pissa", rank=4, target_modules=["q_proj"])                  # doctest: +SKIP
-        >>> weights = target_weights(model, cfg)                                           # doctest: +SKIP
+        >>> weights = {n: m.weight.float() for n, m in find_target_linears(model, cfg.target_modules).items()}  # doctest: +SKIP
         >>> fs = compute_factor_set(weights, cfg, fingerprints=model_fingerprints(model, cfg))  # doctest: +SKIP
     """
     spec = get_variant(config.variant)
