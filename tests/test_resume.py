@@ -260,3 +260,34 @@ def test_sft_trainer_checkpoints_carry_metadata_and_exports(tmp_path: Path) -> N
     reloaded = load_trained(tmp_path / "out" / "final")
     expected = lora_state(trainer.model)
     assert all(torch.equal(v, lora_state(reloaded)[k]) for k, v in expected.items())
+
+
+def test_hyperparameter_search_builds_each_trial_from_the_init_and_exports_per_run(tmp_path: Path) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = make_tiny_base(tmp_path / "base")
+    trainer = make_trainer(base, tmp_path / "cache", tmp_path / "hp", [ExportCallback(merged=True, lora=False)])
+    seen_factor_sets = []
+    init = trainer.model_init
+
+    def model_init(trial):
+        model = init(trial)
+        seen_factor_sets.append(model.factor_set)
+        return model
+
+    trainer.model_init = model_init
+    trainer.eval_dataset = trainer.train_dataset
+    best = trainer.hyperparameter_search(
+        direction="minimize", backend="optuna", n_trials=2,
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)},
+    )
+    assert best.run_id is not None
+    assert len(seen_factor_sets) == 2 and seen_factor_sets[0] is seen_factor_sets[1]  # computed once, reused
+    runs = sorted(p.name for p in (tmp_path / "hp").iterdir() if p.name.startswith("run-"))
+    assert len(runs) == 2
+    for run in runs:
+        for checkpoint in ("checkpoint-2", "checkpoint-4"):
+            folder = tmp_path / "hp" / run / checkpoint
+            assert (folder / INIT_METADATA_NAME).is_file()
+            assert (folder / "export" / "merged" / "config.json").is_file()
