@@ -207,11 +207,13 @@ class FactorSet:
         endpoint: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        verify_checksums: bool = True,
     ) -> FactorSet:
         """Load a factor set from a local directory or a Hub repo (downloaded with `snapshot_download`).
 
         Every file is checked against the checksum recorded at save time; a missing, truncated or altered
-        file raises `FactorSetCorruptError` naming it.
+        file raises `FactorSetCorruptError` naming it. `verify_checksums=False` skips the hashing (only for a
+        directory whose files were just verified otherwise, e.g. a cache entry checked against its manifest).
 
         Example:
             >>> fs = FactorSet.from_pretrained("org/llama-3-8b-inilora-r8", revision="main")   # doctest: +SKIP
@@ -230,7 +232,7 @@ class FactorSet:
                 local_files_only=local_files_only,
             )
             source = hub_source(str(name_or_path), path)
-        factor_set = cls._load_directory(path)
+        factor_set = cls._load_directory(path, verify_checksums=verify_checksums)
         factor_set.info.update(source)  # source_repo, source_revision (the resolved commit sha)
         return factor_set
 
@@ -262,7 +264,7 @@ class FactorSet:
         )
 
     @classmethod
-    def _load_directory(cls, path: Path) -> FactorSet:
+    def _load_directory(cls, path: Path, *, verify_checksums: bool = True) -> FactorSet:
         document = read_metadata(path)
         tensors: dict[str, torch.Tensor] = {}
         for name, digest in sorted(document["files"].items()):
@@ -271,7 +273,7 @@ class FactorSet:
                 raise FactorSetCorruptError(
                     f"{file} is missing; the factor set in {path} is incomplete. Copy or download it again."
                 )
-            if file_sha256(file) != digest:
+            if verify_checksums and file_sha256(file) != digest:
                 raise FactorSetCorruptError(
                     f"{file} does not match the checksum recorded in {METADATA_NAME} (truncated or altered). "
                     "Delete the directory and copy, download or compute the factor set again."

@@ -18,7 +18,7 @@ from .apply import wrap_with_factors
 from .cache import get_or_build
 from .calibration import CalibrationSource, calibrate, estimate_gradients
 from .checkpoint import attach_init_metadata
-from .compute import compute_factor_set, default_device, model_fingerprints
+from .compute import compute_factor_set, default_device
 from .config import InitConfig, normalize_targets
 from .factors import FactorSet
 from .fingerprint import model_key, weight_fingerprint
@@ -173,7 +173,8 @@ class InitFunction:
         check_rank(modules, self.config.rank)
         settings = [layer_settings(m) for m in modules.values()]
         if settings[0]["bits"] is None:
-            return {n: read_weight(m) for n, m in modules.items()}, model_fingerprints(base, self.config)
+            fingerprints = {n: weight_fingerprint(m.weight.detach()) for n, m in modules.items()}
+            return {n: read_weight(m) for n, m in modules.items()}, fingerprints
         if any(s != settings[0] for s in settings):
             raise ValueError("The target layers of this quantized model use different quantization settings.")
         self.config = replace(self.config, quantization={**settings[0], **self._quantization_options})
@@ -233,7 +234,8 @@ class InitFunction:
             logger.info("Computed factor set and stored it in the cache: %s", lookup.path)
             return computed[0], "computed"
         logger.info("Cache hit for %s (%s): loaded %s, no fitting.", self.base_model_name, self.config.variant, lookup.path)
-        return FactorSet.from_pretrained(lookup.path), f"cache:{key}"
+        # get_or_build has just checked every file of the entry against its sha256 manifest.
+        return FactorSet.from_pretrained(lookup.path, verify_checksums=False), f"cache:{key}"
 
     def _check_factor_set(self, fingerprints: dict[str, dict]) -> None:
         stored = self.factor_set.config
