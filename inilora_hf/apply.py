@@ -116,24 +116,29 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
     quantization = factor_set.config.quantization
     adapter_dtype = getattr(torch, quantization["adapter_dtype"]) if bnb_bits(base) and quantization else None
     with gather_params_ctx(base.weight):
-        weight = None if quantized else read_weight(base)
         # copy=True: the LoRA parameters must not share storage with the factor set (training would write into A0/B0)
         lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=adapter_dtype or lora_A.dtype, copy=True).contiguous()
         lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=adapter_dtype or lora_B.dtype, copy=True).contiguous()
-        folded_B = lora_B.float()
+        folded_B, fp32_A = lora_B.float(), lora_A.float()
         if CORE_KEY in factors.extra:  # LoRA-XS: s·B·R·A, only R trains
             folded_B = folded_B @ attach_core(layer, adapter_name, factors.extra[CORE_KEY]).weight.float()
-        delta = scaling * (folded_B @ lora_A.float())
-        if residual:
-            stored = factors.extra.get(RESIDUAL_KEY)
-            target = (weight - delta) if stored is None else stored.to(delta.device, torch.float32)
-            if quantized:
-                weight = target + delta  # W0 as recorded (fp32): R was computed from these very factors
-                store_quantized(base, target)
+        if quantized:
+            residual_fp32 = factors.extra[RESIDUAL_KEY].to(folded_B.device, torch.float32)
+            weight = torch.addmm(residual_fp32, folded_B, fp32_A, alpha=scaling)  # W0 as recorded: R came from these factors
+            store_quantized(base, residual_fp32)
+            stored_weight = read_weight(base)
+            max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=stored_weight)
+        else:
+            weight = read_weight(base) if bnb_bits(base) else base.weight.detach()  # W0 (in its storage dtype)
+            if not residual:
+                max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=weight)
+            elif RESIDUAL_KEY in factors.extra:
+                base.weight.data = factors.extra[RESIDUAL_KEY].to(weight.device, base.weight.dtype)
+                max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=base.weight.detach())
             else:
-                base.weight.data = target.to(base.weight.dtype)
-        effective = read_weight(base) + delta
-        error = effective - weight
+                residual_weight = torch.empty_like(weight)
+                max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, residual_out=residual_weight)
+                base.weight.data = residual_weight
     report = ModuleReport(
         name=name,
         shape=tuple(weight.shape),
@@ -141,11 +146,11 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
         mse=factor_set.stats.get(name, {}).get("mse"),
         optimal_mse=factor_set.stats.get(name, {}).get("optimal_mse"),
         mse_ratio=factor_set.stats.get(name, {}).get("mse_ratio"),
-        reconstruction_max_abs=float(error.abs().max()),
-        reconstruction_rel=float(error.norm() / weight.norm().clamp_min(1e-30)),
+        reconstruction_max_abs=max_abs,
+        reconstruction_rel=rel,
     )
     if quantized:
-        quality = fidelity(weight, effective - delta, delta, factor_set.config.quantization)
+        quality = fidelity(weight, stored_weight, scaling * (folded_B @ fp32_A), factor_set.config.quantization)
         report.quantized_init_error, report.qlora_error = quality.init_error, quality.qlora_error
         if quality.ratio > QUANTIZED_WARN_RATIO:
             logger.warning(
@@ -154,3 +159,40 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
                 name, quality.ratio, quality.init_error, quality.qlora_error,
             )
     return report
+
+
+#: Rows per block in `_reconstruction_error`: about 1 MiB of fp32 per operand, so each block stays in cache.
+BLOCK_ELEMENTS = 1 << 18
+
+
+def _reconstruction_error(
+    weight: torch.Tensor,
+    folded_B: torch.Tensor,
+    fp32_A: torch.Tensor,
+    scaling: float,
+    *,
+    stored: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """max|R + s·B·A − W0| and ‖R + s·B·A − W0‖ / ‖W0‖ in fp32, with R the base weight as `stored` (any dtype).
+
+    With `residual_out` (an empty tensor of the storage dtype) R = W0 − s·B·A is written into it first, block by
+    block, and measured as stored. Working a block of rows at a time reads W0 and R once and never materialises a
+    d×k delta or error matrix.
+    """
+    max_abs = torch.zeros((), dtype=torch.float32, device=weight.device)
+    error_sq = torch.zeros((), dtype=torch.float64, device=weight.device)
+    weight_sq = torch.zeros((), dtype=torch.float64, device=weight.device)
+    step = max(1, BLOCK_ELEMENTS // weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        w0 = weight[rows].float()
+        if residual_out is not None:
+            residual_out[rows] = torch.addmm(w0, folded_B[rows], fp32_A, alpha=-scaling)
+        as_stored = residual_out if residual_out is not None else stored
+        error = torch.addmm(as_stored[rows].float(), folded_B[rows], fp32_A, alpha=scaling).sub_(w0)
+        low, high = torch.aminmax(error)  # (ord=inf norms are several times slower on CPU)
+        max_abs = torch.maximum(max_abs, torch.maximum(-low, high))
+        error_sq += torch.dot(error.view(-1), error.view(-1)).double()
+        weight_sq += torch.dot(w0.reshape(-1), w0.reshape(-1)).double()
+    return float(max_abs), float(error_sq.sqrt() / weight_sq.sqrt().clamp_min(1e-30))

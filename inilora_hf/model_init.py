@@ -22,6 +22,7 @@ from .compute import compute_factor_set, default_device
 from .config import InitConfig, normalize_targets
 from .factors import FactorSet
 from .fingerprint import model_key, weight_fingerprint
+from .fingerprint_memo import checkpoint_identity, target_fingerprints
 from .log import get_logger
 from .quantized import layer_settings, quantization_ready
 from .targets import check_rank, find_target_linears, read_weight
@@ -144,11 +145,30 @@ class InitFunction:
         return self._model_class.from_pretrained(self._model, **kwargs)
 
     def prepare(self, base: nn.Module | None = None) -> FactorSet:
-        """Resolve the factor set (load the given one, or compute it) without building a PEFT model."""
+        """Resolve the factor set (load the given one, or compute it) without building a PEFT model.
+
+        `base`: an already-loaded, unmodified copy of the base model (default: load one)."""
+        if not self._verified:
+            self._resolve(*((base, None) if base is not None else self._load_identified()))
+        return self.factor_set
+
+    def _load_identified(self) -> tuple[nn.Module, dict[str, Any] | None]:
+        """A fresh base model, and the identity of the checkpoint files it was loaded from (it lets a cache hit
+        reuse remembered fingerprints; see `fingerprint_memo`). A local directory's files must be the same
+        before and after the load; a Hub snapshot's files are immutable content-addressed blobs."""
+        if not self._use_cache or "quantization_config" in self._model_kwargs:
+            return self.load_base_model(), None
+        kwargs = {"revision": self._revision, "model_kwargs": self._model_kwargs}
+        local = isinstance(self._model, (str, os.PathLike)) and Path(self._model).expanduser().is_dir()
+        before = checkpoint_identity(self._model, **kwargs) if local else None
+        base = self.load_base_model()
+        after = checkpoint_identity(self._model, **kwargs)
+        return base, after if not local or before == after else None
+
+    def _resolve(self, base: nn.Module, checkpoint: dict[str, Any] | None) -> None:
         if self._verified:
-            return self.factor_set
-        base = self.load_base_model() if base is None else base
-        weights, fingerprints = self._reference_weights(base)
+            return
+        weights, fingerprints = self._reference_weights(base, checkpoint)
         if self.factor_set is None and self._factors_source is not None:
             self.factor_set = FactorSet.from_pretrained(self._factors_source)
             self.factor_source = str(self._factors_source)
@@ -164,16 +184,18 @@ class InitFunction:
                     factors=quantization_ready(self.factor_set.factors, weights, self.config),
                 )
         self._verified = True
-        return self.factor_set
 
-    def _reference_weights(self, base: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-        """fp32 target weights W0 and their fingerprints. For a bitsandbytes base, W0 is the full-precision
-        checkpoint (loaded once, targets only kept) and the config records the layers' quantization settings."""
+    def _reference_weights(
+        self, base: nn.Module, checkpoint: dict[str, Any] | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """fp32 target weights W0 and their fingerprints (remembered per `checkpoint` identity where possible).
+        For a bitsandbytes base, W0 is the full-precision checkpoint (loaded once, targets only kept) and the
+        config records the layers' quantization settings."""
         modules = find_target_linears(base, self.config.target_modules)
         check_rank(modules, self.config.rank)
         settings = [layer_settings(m) for m in modules.values()]
         if settings[0]["bits"] is None:
-            fingerprints = {n: weight_fingerprint(m.weight.detach()) for n, m in modules.items()}
+            fingerprints = target_fingerprints(modules, checkpoint, cache_dir=self._cache_dir)
             return {n: read_weight(m) for n, m in modules.items()}, fingerprints
         if any(s != settings[0] for s in settings):
             raise ValueError("The target layers of this quantized model use different quantization settings.")
@@ -258,9 +280,9 @@ class InitFunction:
 
     def __call__(self, trial: Any = None) -> PeftModel:
         """Return a new `PeftModel` ready to train (`trial` from hyper-parameter search is accepted)."""
-        base = self.load_base_model()
-        factor_set = self.prepare(base)
-        model = wrap_with_factors(base, factor_set, source=self.factor_source, **self._lora_kwargs)
+        base, checkpoint = (self.load_base_model(), None) if self._verified else self._load_identified()
+        self._resolve(base, checkpoint)
+        model = wrap_with_factors(base, self.factor_set, source=self.factor_source, **self._lora_kwargs)
         return attach_init_metadata(model)
 
 

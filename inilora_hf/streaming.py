@@ -17,7 +17,6 @@ generator and pool statistics through `std_by_type`, the result equals the in-me
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -34,13 +33,13 @@ from transformers.utils.hub import convert_file_size_to_int
 from transformers.utils.logging import tqdm
 
 from .cache import resumable_dir
+from .checkpoint_files import checkpoint_files, resolve_checkpoint
 from .compute import default_device, provenance, run_variant
 from .config import InitConfig
 from .errors import FactorSetError
 from .factors import METADATA_NAME, FactorSet
 from .fingerprint import model_key, weight_fingerprint
 from .grouping import shape_groups
-from .hub import snapshot_commit
 from .log import get_logger
 from .model_init import cache_key
 from .report import fit_statistics
@@ -54,8 +53,6 @@ logger = get_logger(__name__)
 #: group's weights, the variant's scaled targets and its working set. Measured on CPU: a PiSSA group peaks at
 #: about 6× its stack (weights, W/s, stack, U, Vᴴ, LAPACK workspace), the IniLoRA fit at about 4×.
 WORKING_SET_FACTOR = 8
-SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 GROUP_PREFIX = "group-"
 
 
@@ -85,64 +82,6 @@ def parse_memory(value: int | str | None) -> int | None:
             f"`max_memory` must be a positive number of bytes or a size like '512MB', '2GB' or '1GiB', got {value!r}."
         )
     return size
-
-
-def resolve_checkpoint(
-    base: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
-) -> tuple[Path, str | None]:
-    """A local directory holding `base`'s config and safetensors, and the resolved commit when from the Hub.
-
-    A local directory is used as is (its revision is `revision`, as given). Anything else is a Hub id, of which
-    only `*.json` and `*.safetensors` are downloaded.
-
-    Example:
-        >>> directory, commit = resolve_checkpoint("meta-llama/Llama-2-7b-hf")      # doctest: +SKIP
-    """
-    path = Path(base).expanduser()
-    if path.is_dir():
-        return path, revision
-    text = str(base)
-    if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
-        raise FileNotFoundError(
-            f"No checkpoint directory {text!r}. Pass an existing directory or a Hub model id ('org/name')."
-        )
-    from huggingface_hub import snapshot_download
-
-    snapshot = Path(
-        snapshot_download(text, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors"])
-    )
-    return snapshot, snapshot_commit(snapshot) or revision
-
-
-def checkpoint_files(directory: Path) -> dict[str, Path]:
-    """Tensor key → safetensors file, from `model.safetensors.index.json` (sharded) or `model.safetensors`.
-
-    Raises:
-        FileNotFoundError: there is no safetensors checkpoint in `directory`, or a shard the index lists is missing.
-    """
-    index_file = directory / SAFETENSORS_INDEX
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{index_file} is not a valid safetensors index (no 'weight_map'): {error}.") from error
-        missing = sorted({name for name in weight_map.values() if not (directory / name).is_file()})
-        if missing:
-            raise FileNotFoundError(
-                f"Shard {missing[0]!r} listed in {index_file} is missing from {directory}"
-                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}. "
-                "Download or copy the checkpoint again."
-            )
-        return {key: directory / name for key, name in weight_map.items()}
-    single = directory / SAFETENSORS_SINGLE
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as handle:
-            return {key: single for key in handle.keys()}
-    raise FileNotFoundError(
-        f"No {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} in {directory}: streamed computation reads safetensors "
-        "checkpoints only. Re-save the model with `save_pretrained(..., safe_serialization=True)`, or use "
-        "`inilora_init` (which loads the whole model)."
-    )
 
 
 def target_shapes(

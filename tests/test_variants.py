@@ -54,6 +54,45 @@ def test_bf16_deviation_is_reported_and_matches_independent_computation() -> Non
     assert report.max_reconstruction_error > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["inilora-alpha", "gaussian"])
+def test_blockwise_residual_and_report_match_a_whole_matrix_computation(
+    variant: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """R and the report are computed a few rows at a time; 5-row blocks (a partial last one) give the same R
+    (up to one rounding) and exactly the errors of a whole-matrix numpy computation."""
+    from inilora_hf import apply
+
+    monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 5 * 64)
+    base = tiny_llama().to(dtype)
+    model = inilora_init(base, variant=variant)()
+    by_name = {m.name: m for m in model.init_report.modules}
+    for name, module in model.get_base_model().named_modules():
+        if not (hasattr(module, "lora_A") and "default" in module.lora_A):
+            continue
+        w0 = base.get_submodule(name).weight.detach().double().numpy()
+        lora_B, lora_A = (module.lora_B["default"].weight.detach().double().numpy(), module.lora_A["default"].weight.detach().double().numpy())
+        delta = module.scaling["default"] * (lora_B @ lora_A)
+        magnitude = np.abs(w0) + module.scaling["default"] * (np.abs(lora_B) @ np.abs(lora_A))
+        stored = module.base_layer.weight.detach().double().numpy()
+        if model.init_report.residual:
+            expected_r = torch.from_numpy(w0 - delta).to(dtype).float().numpy()
+            # One storage-dtype ulp (a rounding flip) plus the fp32 rounding of an r-term product and a difference.
+            tolerance = np.abs(expected_r) * (2.0**-7 if dtype == torch.bfloat16 else 0) + 2.0**-20 * magnitude
+            assert np.all(np.abs(stored - expected_r) <= tolerance), "R = W0 − s·B·A, rounded once to the storage dtype"
+        else:
+            assert np.array_equal(stored, w0), "a non-residual variant leaves the base weight alone"
+        error = stored + delta - w0
+        report = by_name[name]
+        fp32_noise = 2.0**-20 * magnitude.max()  # the report adds in fp32; numpy here in float64
+        assert report.reconstruction_max_abs == pytest.approx(np.abs(error).max(), rel=1e-4, abs=fp32_noise)
+        assert report.reconstruction_rel == pytest.approx(
+            np.linalg.norm(error) / np.linalg.norm(w0), rel=1e-4, abs=fp32_noise * np.sqrt(error.size) / np.linalg.norm(w0)
+        )
+        if dtype == torch.bfloat16 and model.init_report.residual:
+            assert report.reconstruction_max_abs > 100 * fp32_noise, "the bf16 rounding of R is visible in the report"
+
+
 def test_inilora_default_fit_reaches_svd_optimum() -> None:
     base = tiny_llama()
     init = inilora_init(base, variant="inilora")  # the authors' defaults: 20 000 Adam steps
