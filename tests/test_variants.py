@@ -198,3 +198,35 @@ def test_seed_makes_random_variants_reproducible() -> None:
     again = run_variant("inilora-alpha", weights, seed=3)["layer.q_proj"].lora_A
     other = run_variant("inilora-alpha", weights, seed=4)["layer.q_proj"].lora_A
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize(("tf32", "during_fit"), [(False, "highest"), (True, "high")])
+def test_inilora_fit_ignores_a_global_tf32_switch_unless_asked(
+    tf32: bool, during_fit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training scripts often turn TF32 on globally; the fit runs in full fp32 unless `tf32=True`."""
+    from inilora_hf.variants import approximation
+
+    seen = []
+    original = approximation.adam_fit
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(approximation, "adam_fit", recording)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what `torch.backends.cuda.matmul.allow_tf32 = True` sets
+    try:
+        init = inilora_init(tiny_llama(), variant="inilora", steps=10, tf32=tf32)
+        init.prepare()
+        assert torch.get_float32_matmul_precision() == "high", "the caller's setting is restored"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen and set(seen) == {during_fit}
+    assert init.config.options["tf32"] is tf32, "tf32 is part of the config, hence of the cache key"
+
+
+def test_inilora_rejects_a_non_boolean_tf32() -> None:
+    with pytest.raises(ValueError, match="`tf32` must be True or False"):
+        inilora_init(tiny_llama(), variant="inilora", tf32="yes").prepare()

@@ -65,6 +65,25 @@ def few_threads_for_small_work(weights: Mapping[str, torch.Tensor], device: torc
         torch.set_num_threads(previous)
 
 
+@contextmanager
+def fp32_matmuls(tf32: bool) -> Iterator[None]:
+    """fp32 matmuls at full IEEE precision during the fit unless `tf32=True`, whatever the caller set globally
+    (training scripts often enable TF32, which rounds the products to a 10-bit mantissa on Ampere and later
+    GPUs and changes the Adam trajectory); the previous setting is restored afterwards.
+
+    Example:
+        >>> with fp32_matmuls(tf32=False):
+        ...     torch.get_float32_matmul_precision()
+        'highest'
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def randomized_factors(inputs: VariantInputs, targets: dict[str, torch.Tensor]) -> dict[str, ModuleFactors]:
     """The optimum by randomized SVD (8 power iterations, 8 extra sketch columns; ≤ 1.001 × the optimal MSE on
     the measured weights), much faster than a full SVD on large matrices; seeded by the `seed` option."""
@@ -102,6 +121,7 @@ def _check(options: dict) -> None:
         f"`sigma` must be None (σ̄ from the weights) or a positive number, got {options['sigma']!r}.",
     )
     require(options["solver"] in SOLVERS, f"`solver` must be one of {SOLVERS}, got {options['solver']!r}.")
+    require(isinstance(options["tf32"], bool), f"`tf32` must be True or False, got {options['tf32']!r}.")
 
 
 @register_variant(
@@ -117,6 +137,7 @@ def _check(options: dict) -> None:
         "tol": None,
         "sigma": None,
         "solver": "adam",
+        "tf32": False,
     },
     check=_check,
     description="IniLoRA: Adam fit of s·B·A ≈ W0 from N(0, σ̄²); base weight becomes the residual W0 − s·B·A.",
@@ -124,7 +145,13 @@ def _check(options: dict) -> None:
     approximates_weight=True,
 )
 def inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
-    """Fit every target matrix (batched by shape); `solver="svd"` returns the exact optimum instead."""
+    """Fit every target matrix (batched by shape); `solver="svd"` returns the exact optimum instead. Matmuls run
+    in full fp32 unless the `tf32=True` option allows TensorFloat-32 (GPU only; faster, not the same factors)."""
+    with fp32_matmuls(inputs.config.options["tf32"]):
+        return _inilora(inputs)
+
+
+def _inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     options = inputs.config.options
     scaling = inputs.config.scaling
     targets = {name: weight.float() / scaling for name, weight in inputs.weights.items()}
