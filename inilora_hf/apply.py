@@ -183,13 +183,13 @@ def _reconstruction_error(
     max_abs = torch.zeros((), dtype=torch.float32, device=weight.device)
     error_sq = torch.zeros((), dtype=torch.float64, device=weight.device)
     weight_sq = torch.zeros((), dtype=torch.float64, device=weight.device)
+    as_stored = residual_out if residual_out is not None else stored
     step = max(1, BLOCK_ELEMENTS // weight.shape[1])
     for start in range(0, weight.shape[0], step):
         rows = slice(start, start + step)
         w0 = weight[rows].float()
         if residual_out is not None:
             residual_out[rows] = torch.addmm(w0, folded_B[rows], fp32_A, alpha=-scaling)
-        as_stored = residual_out if residual_out is not None else stored
         error = torch.addmm(as_stored[rows].float(), folded_B[rows], fp32_A, alpha=scaling).sub_(w0)
         low, high = torch.aminmax(error)  # (ord=inf norms are several times slower on CPU)
         max_abs = torch.maximum(max_abs, torch.maximum(-low, high))

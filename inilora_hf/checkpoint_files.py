@@ -18,6 +18,11 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
+def _hub_id_shaped(text: str) -> bool:
+    """`name` or `org/name`: not an absolute, relative (`./`, `../`) or home (`~`) path, at most one slash."""
+    return not (Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1)
+
+
 def resolve_checkpoint(
     base: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
 ) -> tuple[Path, str | None]:
@@ -33,7 +38,7 @@ def resolve_checkpoint(
     if path.is_dir():
         return path, revision
     text = str(base)
-    if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+    if path.exists() or not _hub_id_shaped(text):
         raise FileNotFoundError(
             f"No checkpoint directory {text!r}. Pass an existing directory or a Hub model id ('org/name')."
         )
@@ -90,7 +95,7 @@ def cached_checkpoint_dir(
     if path.is_dir():
         return path
     text = str(model)
-    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+    if not _hub_id_shaped(text):
         return None
     from huggingface_hub import try_to_load_from_cache
 

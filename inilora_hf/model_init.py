@@ -156,7 +156,7 @@ class InitFunction:
         """A fresh base model, and the identity of the checkpoint files it was loaded from (it lets a cache hit
         reuse remembered fingerprints; see `fingerprint_memo`). A local directory's files must be the same
         before and after the load; a Hub snapshot's files are immutable content-addressed blobs."""
-        if not self._use_cache or "quantization_config" in self._model_kwargs:
+        if not self._use_cache:
             return self.load_base_model(), None
         kwargs = {"revision": self._revision, "model_kwargs": self._model_kwargs}
         local = isinstance(self._model, (str, os.PathLike)) and Path(self._model).expanduser().is_dir()
