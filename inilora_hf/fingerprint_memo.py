@@ -54,7 +54,7 @@ def checkpoint_identity(
         True
     """
     model_kwargs = model_kwargs or {}
-    revision = revision if revision is not None else model_kwargs.get("revision")
+    revision = model_kwargs.get("revision", revision)  # as `InitFunction.load_base_model` passes it on
     if not isinstance(model, (str, os.PathLike)) or set(model_kwargs) - SAFE_LOAD_ARGUMENTS:
         return None
     directory = cached_checkpoint_dir(model, revision=revision, cache_dir=model_kwargs.get("cache_dir"))

@@ -179,3 +179,17 @@ def test_hub_model_fingerprints_are_remembered(hub, tmp_path: Path, monkeypatch:
     init = _init(repo)
     init()
     assert calls == [] and init.factor_source.startswith("cache:")
+
+
+def test_identity_follows_the_revision_from_pretrained_uses(hub, tmp_path: Path) -> None:
+    """`model_kwargs["revision"]` wins over `revision=`, exactly as in the load (`kwargs.setdefault`)."""
+    from huggingface_hub import snapshot_download
+
+    repo = "org/tiny-llama-revisions"
+    hub.api.create_repo(repo)
+    old = hub.api.upload_folder(repo_id=repo, folder_path=_saved_llama(tmp_path / "a", seed=0)).oid
+    hub.api.upload_folder(repo_id=repo, folder_path=_saved_llama(tmp_path / "b", seed=1))
+    old_dir, new_dir = Path(snapshot_download(repo, revision=old)), Path(snapshot_download(repo))
+    identity = checkpoint_identity(repo, revision="main", model_kwargs={"revision": old})
+    assert [entry[0] for entry in identity["files"]] == [str((old_dir / "model.safetensors").resolve())]
+    assert (old_dir / "model.safetensors").resolve() != (new_dir / "model.safetensors").resolve()
