@@ -11,9 +11,10 @@ optionally, ``validate(dir)`` (raises on a bad entry).
 Guarantees:
 
 * **Exactly one builder.**  A per-key lock file ``<cache_dir>/<key>.lock``
-  (:class:`filelock.FileLock`) serialises builders across processes and threads.
+  (:func:`exclusive_lock`) serialises builders across processes and threads.
   Processes that arrive while another one is building block on the lock and then
-  find the finished entry (``hit=True``) without building.
+  find the finished entry (``hit=True``) without building.  The lock file is
+  removed when the lock is released, so lock files do not accumulate.
 * **Atomic publication.**  ``build`` writes into a fresh temporary directory
   ``<cache_dir>/.tmp-<key>-<pid>-<uuid>`` on the same filesystem; a manifest
   (:data:`MANIFEST_NAME`, the size and sha256 of every file) is added, everything
@@ -48,7 +49,8 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -67,6 +69,7 @@ __all__ = [
     "CacheLookup",
     "default_cache_dir",
     "entry_path",
+    "exclusive_lock",
     "get_or_build",
     "remove",
     "resumable_dir",
@@ -205,8 +208,8 @@ def _partial_path(root: Path, key: str) -> Path:
     return root / f"{_PARTIAL_PREFIX}{key}"
 
 
-def resumable_dir(key: str, *, cache_dir: str | Path | None = None) -> Path:
-    """Return (creating it) a persistent work dir ``<cache_dir>/.partial-<key>/``.
+def resumable_dir(key: str, *, cache_dir: str | Path | None = None, create: bool = True) -> Path:
+    """Return (creating it unless ``create=False``) a persistent work dir ``<cache_dir>/.partial-<key>/``.
 
     Long computations can store finished chunks there so that an interrupted run
     resumes instead of starting over.  It survives failed or killed builds and is
@@ -232,8 +235,43 @@ def resumable_dir(key: str, *, cache_dir: str | Path | None = None) -> Path:
         False
     """
     path = _partial_path(_root(cache_dir), _validate_key(key))
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, *, timeout: float = -1) -> Iterator[None]:
+    """Hold an inter-process lock on the file ``path``, and remove that file before releasing the lock.
+
+    Lock files therefore do not pile up (one per cache key or work dir would otherwise stay behind forever).
+    Removing a lock file that other processes may be waiting on is safe because it is removed only by its
+    holder, while holding it, and because filelock never keeps a lock it obtained on a file that is no longer
+    linked (``st_nlink == 0``): such a waiter retries on the file now at ``path``, so it cannot hold the removed
+    file while a newcomer holds its replacement. This needs filelock 3.30 or later: 3.21 to 3.29 also remove
+    the file in their own release, which could then remove a newcomer's file. (On Windows an open file cannot
+    be removed; filelock removes it there itself after releasing.)
+
+    Args:
+        path: The lock file (created if missing, like its parent directory).
+        timeout: Seconds to wait; ``-1`` waits forever.  On expiry :class:`filelock.Timeout` is raised and
+            nothing is removed.
+
+    Example:
+        >>> import tempfile
+        >>> lock_file = Path(tempfile.mkdtemp()) / "work.lock"
+        >>> with exclusive_lock(lock_file):
+        ...     lock_file.exists()
+        True
+        >>> lock_file.exists()
+        False
+    """
+    with FileLock(str(path), timeout=timeout):
+        try:
+            yield
+        finally:
+            with suppress(OSError):  # removed already, or Windows (see above)
+                os.unlink(path)
 
 
 # ------------------------------------------------------------------------ manifest
@@ -553,9 +591,8 @@ def get_or_build(
         logger.debug("Cache hit for key %r at %s.", key, final)
         return CacheLookup(path=final, hit=True)
 
-    lock = FileLock(str(_lock_path(root, key)), timeout=lock_timeout)
-    logger.debug("Acquiring cache lock %s.", lock.lock_file)
-    with lock:
+    logger.debug("Acquiring cache lock %s.", _lock_path(root, key))
+    with exclusive_lock(_lock_path(root, key), timeout=lock_timeout):
         if os.path.lexists(final):
             err = _check_entry(final, validate, check_hashes)
             if err is None:
@@ -594,9 +631,8 @@ def get_or_build(
 def remove(key: str, cache_dir: str | Path | None = None) -> bool:
     """Delete the entry for ``key`` (plus its resumable work dir and stale temp dirs).
 
-    Waits for a build of the same key in progress.  The lock file itself is kept
-    (deleting lock files is unsafe while other processes may use them).  Returns
-    ``True`` if an entry or work dir existed and was removed.
+    Waits for a build of the same key in progress.  Returns ``True`` if an entry
+    or work dir existed and was removed.
 
     Example:
         >>> import tempfile
@@ -610,7 +646,7 @@ def remove(key: str, cache_dir: str | Path | None = None) -> bool:
     if not root.is_dir():
         return False
     removed = False
-    with FileLock(str(_lock_path(root, key))):
+    with exclusive_lock(_lock_path(root, key)):
         final = root / key
         if os.path.lexists(final):
             _discard(final, root, key)

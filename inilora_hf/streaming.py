@@ -22,21 +22,21 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 from transformers.utils.logging import tqdm
 
-from .cache import resumable_dir
+from .cache import exclusive_lock, resumable_dir
 from .checkpoint_files import checkpoint_files, resolve_checkpoint
 from .compute import default_device, provenance, run_variant
 from .config import InitConfig
-from .errors import FactorSetError
+from .errors import FactorSetError, OutputExistsError
 from .factors import METADATA_NAME, FactorSet
 from .fingerprint import model_key, weight_fingerprint
 from .grouping import shape_groups
@@ -174,14 +174,28 @@ def _save_group(group: FactorSet, directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish(factor_set: FactorSet, output_dir: Path) -> None:
-    """Save to a temporary sibling directory and rename it to `output_dir` (replacing an older factor set)."""
+def _check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
+    """Raise `OutputExistsError` for an `output_dir` that is a file, a non-empty folder without a factor set, or
+    (unless `overwrite`) a folder holding a factor set. A new or empty folder is accepted."""
     if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a directory; choose another output directory.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / METADATA_NAME).is_file():
-        raise FileExistsError(
+        raise OutputExistsError(f"{output_dir} exists and is not a directory; choose another output directory.")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not (output_dir / METADATA_NAME).is_file():
+        raise OutputExistsError(
             f"{output_dir} is not empty and holds no factor set ({METADATA_NAME}); choose a new or empty directory."
         )
+    if not overwrite:
+        raise OutputExistsError(
+            f"{output_dir} already holds a factor set; pass overwrite=True (command line: --overwrite) to replace "
+            "it, or choose another output directory."
+        )
+
+
+def _publish(factor_set: FactorSet, output_dir: Path, *, overwrite: bool) -> None:
+    """Save to a temporary sibling directory and rename it to `output_dir` (replacing an older factor set only if
+    `overwrite`)."""
+    _check_output_dir(output_dir, overwrite=overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{uuid.uuid4().hex}")
     old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex}")
@@ -191,6 +205,8 @@ def _publish(factor_set: FactorSet, output_dir: Path) -> None:
             os.replace(output_dir, old)
         os.replace(tmp, output_dir)
     finally:
+        if old.exists() and not output_dir.exists():  # interrupted between the two renames: keep the old one
+            os.replace(old, output_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
@@ -230,6 +246,7 @@ def compute_streamed(
     token: str | bool | None = None,
     work_dir: str | os.PathLike | None = None,
     model_class: type | None = None,
+    overwrite: bool = False,
 ) -> FactorSet:
     """Compute the factor set of `base` without loading the model, and write it to `output_dir`.
 
@@ -241,7 +258,8 @@ def compute_streamed(
     Args:
         base: A local checkpoint directory or a Hub model id (only `*.json` and `*.safetensors` are downloaded).
         config: What to compute (variant, rank, targets, options). Data-driven variants are refused.
-        output_dir: Where the factor set is written (atomically; an existing factor set there is replaced).
+        output_dir: Where the factor set is written, atomically. It must be new or empty, or hold a factor set
+            and `overwrite=True`; this is checked before any work.
         max_memory: Memory for weights and working set, on top of the Python runtime (torch and transformers
             loaded, ~0.5 GB), e.g. `"2GB"`: a group's fp32 stack is at most `max_memory / WORKING_SET_FACTOR`
             (one matrix per group at least; a warning says when one matrix needs more). None: one group per
@@ -250,9 +268,12 @@ def compute_streamed(
         revision: Hub revision of `base` (recorded as the resolved commit).
         token: Hub token for private repos.
         work_dir: Where finished groups are kept until the factor set is written (default: the cache's
-            resumable directory of this base model and config). Its groups are removed after success; a lock
-            file `<work_dir>.lock` next to it keeps two runs from computing the same groups.
+            resumable directory of this base model and config). Its groups are removed after success; after
+            a failure or interruption the finished groups stay for the next run, and a work dir this call
+            created is removed if no group finished. A lock file `<work_dir>.lock` next to it keeps two runs
+            from computing the same groups (removed when the run ends).
         model_class: Auto class used to build the module tree (default `AutoModelForCausalLM`).
+        overwrite: Replace a factor set already in `output_dir` (otherwise refused before any work).
 
     Returns:
         The `FactorSet`, also saved in `output_dir`.
@@ -260,7 +281,8 @@ def compute_streamed(
     Raises:
         ValueError: a data-driven variant, or checkpoint files that do not match the model's config.
         FileNotFoundError: no safetensors checkpoint, or a missing shard.
-        TargetModuleError: the targets match nothing or a non-Linear module.
+        TargetModuleError: a target matches no module, or matches a non-Linear module.
+        OutputExistsError: `output_dir` holds a factor set (and not `overwrite`), other files, or is a file.
 
     Example:
         >>> from inilora_hf import InitConfig
@@ -281,6 +303,7 @@ def compute_streamed(
             "This InitConfig is for a quantized base (`quantization` is set); its factors depend on the quantized "
             "layers. Use inilora_init(..., quantization_config=...), or drop `quantization` for a full-precision base."
         )
+    _check_output_dir(Path(output_dir), overwrite=overwrite)
     budget_bytes = parse_memory(max_memory)
     stack_budget = None if budget_bytes is None else max(1, budget_bytes // WORKING_SET_FACTOR)
     device = torch.device(device) if device is not None else default_device()
@@ -302,8 +325,7 @@ def compute_streamed(
     std_by_type = mean_by_type(stds)
 
     key = cache_key(model_key(fingerprints), config)
-    work = Path(work_dir) if work_dir is not None else resumable_dir(key)
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir is not None else resumable_dir(key, create=False)
     groups = _plan(shapes, stack_budget)
     logger.info(
         "Streaming %s for %d modules of %s in %d groups (max_memory=%s) on %s; work dir %s.",
@@ -315,51 +337,60 @@ def compute_streamed(
     compute_seconds = 0.0
     resumed = 0
     # One process per work dir: a concurrent run of the same call waits instead of computing the same groups.
-    lock = FileLock(str(work.with_name(f"{work.name}.lock")))
-    with lock, tqdm(total=len(groups), desc="Factor groups", unit="group") as bar:
-        for index, names in enumerate(groups):
-            group_dir = work / f"{GROUP_PREFIX}{index:05d}"
-            group = _load_group(group_dir, key, names)
-            if group is None:
-                weights = _read_group(names, locations, shapes)
-                group_started = time.perf_counter()
-                group_factors = run_variant(weights, config, device=device, std_by_type=std_by_type)
-                seconds = time.perf_counter() - group_started
-                group = FactorSet(
-                    config=config,
-                    factors=group_factors,
-                    fingerprints={name: fingerprints[name] for name in names},
-                    stats=fit_statistics(weights, group_factors, config, device=device),
-                    info={"work_key": key, "group": index, "compute_seconds": seconds},
-                )
-                del weights
-                _save_group(group, group_dir)
-            else:
-                resumed += 1
-            factors.update(group.factors)
-            stats.update(group.stats)
-            compute_seconds += group.info["compute_seconds"]
-            bar.update(1)
-        if resumed:
-            logger.info("Resumed: %d of %d groups were already computed in %s.", resumed, len(groups), work)
+    with exclusive_lock(work.with_name(f"{work.name}.lock")), tqdm(
+        total=len(groups), desc="Factor groups", unit="group"
+    ) as bar:
+        created = not work.exists()
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            for index, names in enumerate(groups):
+                group_dir = work / f"{GROUP_PREFIX}{index:05d}"
+                group = _load_group(group_dir, key, names)
+                if group is None:
+                    weights = _read_group(names, locations, shapes)
+                    group_started = time.perf_counter()
+                    group_factors = run_variant(weights, config, device=device, std_by_type=std_by_type)
+                    seconds = time.perf_counter() - group_started
+                    group = FactorSet(
+                        config=config,
+                        factors=group_factors,
+                        fingerprints={name: fingerprints[name] for name in names},
+                        stats=fit_statistics(weights, group_factors, config, device=device),
+                        info={"work_key": key, "group": index, "compute_seconds": seconds},
+                    )
+                    del weights
+                    _save_group(group, group_dir)
+                else:
+                    resumed += 1
+                factors.update(group.factors)
+                stats.update(group.stats)
+                compute_seconds += group.info["compute_seconds"]
+                bar.update(1)
+            if resumed:
+                logger.info("Resumed: %d of %d groups were already computed in %s.", resumed, len(groups), work)
 
-        info = provenance(compute_seconds, device)
-        info["streamed"] = {
-            "max_memory": budget_bytes,
-            "groups": len(groups),
-            "resumed_groups": resumed,
-            "wall_seconds": round(time.perf_counter() - started, 3),
-        }
-        factor_set = FactorSet(
-            config=config,
-            factors={name: factors[name] for name in sorted(factors)},
-            fingerprints=fingerprints,
-            base_model=str(base),
-            base_revision=base_revision,
-            stats=stats,
-            info=info,
-        )
-        _publish(factor_set, Path(output_dir))
+            info = provenance(compute_seconds, device)
+            info["streamed"] = {
+                "max_memory": budget_bytes,
+                "groups": len(groups),
+                "resumed_groups": resumed,
+                "wall_seconds": round(time.perf_counter() - started, 3),
+            }
+            factor_set = FactorSet(
+                config=config,
+                factors={name: factors[name] for name in sorted(factors)},
+                fingerprints=fingerprints,
+                base_model=str(base),
+                base_revision=base_revision,
+                stats=stats,
+                info=info,
+            )
+            _publish(factor_set, Path(output_dir), overwrite=overwrite)
+        except BaseException:  # interrupted or failed: keep finished groups to resume from, nothing else
+            if created:
+                with suppress(OSError):  # removed only if empty: no group finished
+                    work.rmdir()
+            raise
         _clear_work_dir(work, len(groups))
     logger.info("Wrote the %s factor set of %s (%d modules) to %s.", spec.name, base, len(factors), output_dir)
     return factor_set

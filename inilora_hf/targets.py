@@ -30,8 +30,9 @@ def find_target_linears(
             targets are only named and checked (the streamed `compute` reads the weights from the files).
 
     Raises:
-        TargetModuleError: nothing matches, a match is not an `nn.Linear` (an Embedding, Conv1D, ...), or
-            (unless `allow_meta`) a matched weight is on the meta device.
+        TargetModuleError: nothing matches, a name of a `target_modules` list matches no module, a match is not
+            an `nn.Linear` (an Embedding, Conv1D, ...), or (unless `allow_meta`) a matched weight is on the meta
+            device.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,12 +47,20 @@ def find_target_linears(
     else:
         matcher = LoraConfig(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
         found = {n: m for n, m in model.named_modules() if n and _is_match(check_target_module_exists(matcher, n))}
-    if not found:
+    # Every name of a list must match: a misspelt one would otherwise be dropped silently (and recorded).
+    unmatched = [] if isinstance(target_modules, str) else _unmatched(target_modules, list(found))
+    if not found or unmatched:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise TargetModuleError(
-            f"target_modules={target_modules!r} matches no module of this {type(model).__name__}. "
-            f"Its Linear layers end in: {', '.join(suffixes[:20])}."
-        )
+        model_name = type(model).__name__
+        if not found:
+            problem = f"target_modules={target_modules!r} matches no module of this {model_name}."
+        else:
+            problem = (
+                f"{', '.join(map(repr, unmatched))} in target_modules={list(target_modules)!r} "
+                f"{'matches' if len(unmatched) == 1 else 'match'} no module of this {model_name}; every name must "
+                f"select at least one module: fix or remove {'it' if len(unmatched) == 1 else 'them'}."
+            )
+        raise TargetModuleError(f"{problem} Its Linear layers end in: {', '.join(suffixes[:20])}.")
     not_linear = {n: type(m).__name__ for n, m in found.items() if not isinstance(m, nn.Linear)}
     if not_linear:
         name, kind = next(iter(sorted(not_linear.items())))
@@ -71,6 +80,16 @@ def find_target_linears(
 def _is_match(result: object) -> bool:
     """`check_target_module_exists` returns True, a `re.Match`, False/None, or an exclusion marker."""
     return result is True or (result is not None and result is not False and hasattr(result, "group"))
+
+
+def _unmatched(target_modules: Sequence[str], names: list[str]) -> list[str]:
+    """The entries of a `target_modules` list that select none of `names` (by PEFT's rules)."""
+    missing = []
+    for target in target_modules:
+        matcher = LoraConfig(target_modules=[target])
+        if not any(_is_match(check_target_module_exists(matcher, name)) for name in names):
+            missing.append(target)
+    return missing
 
 
 def check_rank(modules: dict[str, nn.Linear], rank: int) -> None:

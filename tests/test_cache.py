@@ -75,7 +75,7 @@ def test_miss_then_hit(tmp_path: Path) -> None:
     manifest = json.loads((second.path / MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {"A.bin", "sub/meta.json"}
     assert manifest["files"]["A.bin"]["size"] == len(PAYLOAD)
-    assert (tmp_path / "k1.lock").exists()
+    assert not (tmp_path / "k1.lock").exists(), "the lock file is removed when the lock is released"
     assert _visible_entries(tmp_path) == ["k1"]
     assert _tmp_dirs(tmp_path) == []
 
@@ -177,7 +177,7 @@ def test_corruption_is_detected_logged_and_rebuilt(tmp_path: Path, caplog, corru
     # The rebuilt entry is intact and passes verification; no leftovers.
     assert (res.path / "A.bin").read_bytes() == PAYLOAD
     verify_manifest(res.path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kc", "kc.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kc"]
     # ...and is a hit again afterwards.
     assert get_or_build("kc", build, cache_dir=tmp_path).hit is True
     assert build.calls == 2

@@ -106,7 +106,7 @@ def test_existing_output_dir(sharded_base: Path, tmp_path: Path) -> None:
     root = tmp_path / "outputs"
     out = root / "out"
     compute_streamed(sharded_base, _config("inilora-alpha"), out, device="cpu")
-    replaced = compute_streamed(sharded_base, _config("inilora-alpha", seed=7), out, device="cpu")
+    replaced = compute_streamed(sharded_base, _config("inilora-alpha", seed=7), out, device="cpu", overwrite=True)
     assert FactorSet.from_pretrained(out).config.options["seed"] == 7 == replaced.config.options["seed"]
     assert [p.name for p in root.iterdir()] == ["out"], "no temporary directories are left behind"
 

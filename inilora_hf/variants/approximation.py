@@ -175,8 +175,11 @@ def _inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
 
     starts = draw_factors(inputs, fill)
     factors = {}
+    steps = options["steps"]
+    # One bar counts the steps of every shape group; its label says so, so that the total agrees with `steps`.
+    label = f"IniLoRA fit: {len(groups)} shape groups × {steps} steps" if len(groups) > 1 else f"IniLoRA fit: {steps} steps"
     with few_threads_for_small_work(inputs.weights, inputs.device), tqdm(
-        total=options["steps"] * len(groups), desc="IniLoRA fit", unit="step", disable=options["steps"] == 0
+        total=steps * len(groups), desc=label, unit="step", disable=steps == 0
     ) as progress:
         for names in groups:
             result = adam_fit(
