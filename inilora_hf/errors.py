@@ -32,3 +32,8 @@ class FactorSetNotFoundError(FactorSetHubError):
 
 class HubAuthenticationError(FactorSetHubError):
     """A push needs a Hugging Face token with write access, and none was found or it was refused."""
+
+
+class BaseModelNotFoundError(FileNotFoundError):
+    """The base model cannot be loaded: no such local directory, no such Hub repo or revision (or it is private),
+    or it is not in the local cache while offline."""
