@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .checkpoint import load_trained
 from .config import InitConfig
 from .errors import (
+    BaseModelNotFoundError,
     FactorSetCorruptError,
     FactorSetError,
     FactorSetFormatError,
@@ -30,6 +31,7 @@ from .trl import SFTTrainer
 from .variants import ModuleFactors, VariantInputs, available_variants, get_variant, register_variant
 
 __all__ = [
+    "BaseModelNotFoundError",
     "ExportCallback",
     "InitReportCallback",
     "PushStandardCheckpointCallback",

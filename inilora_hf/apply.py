@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
+from .checkpoint_files import model_reference
 from .factors import RESIDUAL_KEY, FactorSet
 from .log import get_logger
 from .loraxs import CORE_KEY, attach_core, count_core_parameters
@@ -20,6 +23,10 @@ logger = get_logger(__name__)
 
 # Warn when the quantized init is this many times further from W0 than plain QLoRA's Q(W0).
 QUANTIZED_WARN_RATIO = 2.0
+
+# Config switches that trainers flip for training (`Trainer.__init__` sets `use_cache = args.use_cache`, False by
+# default); exports restore the base model's values, recorded by `wrap_with_factors` before any trainer ran.
+TRAINING_SWITCHES = ("use_cache",)
 
 
 def lora_config_for(factor_set: FactorSet, **lora_kwargs) -> LoraConfig:
@@ -40,13 +47,38 @@ def lora_config_for(factor_set: FactorSet, **lora_kwargs) -> LoraConfig:
 
 
 def wrap_with_factors(
-    model: nn.Module, factor_set: FactorSet, *, adapter_name: str = "default", source: str = "", **lora_kwargs
+    model: nn.Module,
+    factor_set: FactorSet,
+    *,
+    adapter_name: str = "default",
+    source: str = "",
+    revision: str | None = None,
+    **lora_kwargs: Any,
 ) -> PeftModel:
-    """`get_peft_model` + `apply_factor_set`; the returned model carries `.factor_set` and `.init_report`."""
-    peft_model = get_peft_model(model, lora_config_for(factor_set, **lora_kwargs), adapter_name=adapter_name)
+    """`get_peft_model` + `apply_factor_set`; the returned model carries `.factor_set`, `.init_report` and
+    `.base_inference_config` (the base's `TRAINING_SWITCHES` values before any trainer changed them).
+
+    The adapter config records the base actually wrapped: `base_model_name_or_path` is the model's own
+    `name_or_path` with a local directory made absolute (a Hub id stays as is), and `revision` the revision it
+    was loaded at, so that every saved adapter and export names a base that loads from any working directory.
+
+    Example:
+        >>> model = wrap_with_factors(AutoModelForCausalLM.from_pretrained("./base"), factor_set)   # doctest: +SKIP
+        >>> model.peft_config["default"].base_model_name_or_path                                      # doctest: +SKIP
+        '/home/me/base'
+    """
+    config = getattr(model, "config", None)
+    inference_config = {name: getattr(config, name) for name in TRAINING_SWITCHES if hasattr(config, name)}
+    peft_model = get_peft_model(
+        model, lora_config_for(factor_set, **lora_kwargs), adapter_name=adapter_name, revision=revision
+    )
+    peft_config = peft_model.peft_config[adapter_name]
+    if peft_config.base_model_name_or_path:
+        peft_config.base_model_name_or_path = model_reference(peft_config.base_model_name_or_path)
     report = apply_factor_set(peft_model, factor_set, adapter_name=adapter_name, source=source)
     peft_model.factor_set = factor_set
     peft_model.init_report = report
+    peft_model.base_inference_config = inference_config
     return peft_model
 
 

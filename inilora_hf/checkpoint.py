@@ -12,6 +12,14 @@ so every adapter directory this package writes gets, next to PEFT's files:
 each `Trainer` / `SFTTrainer` `checkpoint-N` folder and `trainer.save_model()`. `load_trained(dir)` loads the
 original base, rebuilds `R` with `inilora_hf.apply` exactly as at training start, and loads the trained
 factors.
+
+Such a directory looks like a plain PEFT adapter, but for a residual (or LoRA-XS) variant it is not one: on the
+original base its factors compute `W0 + s·B·A`, not the trained `R + s·B·A`. So the save also replaces PEFT's
+stock README.md by a card that says so and names the two ways out (`load_trained`, the standard exports of
+`inilora_hf.convert`), and writes `init_lora_weights: TRAINING_ADAPTER_INIT` into `adapter_config.json`: plain
+`PeftModel.from_pretrained` / `AutoPeftModelFor…` then fail with PEFT's "Unknown initialization
+init_lora_weights='inilora_hf: …'" instead of silently computing something else. Trainer resume and
+`load_adapter` into the existing adapter never read that field, and `load_trained` maps it back to `True`.
 """
 
 from __future__ import annotations
@@ -25,14 +33,18 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig, PeftModel
 from torch import nn
 
 from .apply import wrap_with_factors
+from .checkpoint_files import load_pretrained, model_reference
 from .compute import model_fingerprints
-from .errors import FactorSetFormatError
+from .errors import BaseModelNotFoundError, FactorSetFormatError
 from .factors import FactorSet, library_versions
 from .log import get_logger
+from .model_card import is_hub_id
+from .tasks import task_classes
 from .variants import get_variant
 
 logger = get_logger(__name__)
@@ -40,6 +52,15 @@ logger = get_logger(__name__)
 INIT_METADATA_NAME = "inilora_init.json"
 INIT_FACTORS_DIR = "inilora_init"
 INIT_FORMAT_VERSION = 1
+
+#: `init_lora_weights` written into the `adapter_config.json` of a training-time adapter that plain PEFT must not
+#: load (residual and LoRA-XS variants). PEFT rejects it: "Unknown initialization init_lora_weights='<this>'".
+TRAINING_ADAPTER_INIT = (
+    "inilora_hf: not a standalone adapter, it needs the residual base (or LoRA-XS cores) of its init. Load it with "
+    "inilora_hf.load_trained(dir), or use the standard exports of inilora_hf.convert.to_lora / to_merged"
+)
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+CARD_NAME = "README.md"
 
 # LoraConfig fields that `lora_config_for` derives from the factor set, or that describe the saved file only.
 _DERIVED_LORA_FIELDS = frozenset(
@@ -61,6 +82,7 @@ def init_metadata(model: PeftModel) -> dict[str, Any]:
     report = getattr(model, "init_report", None)
     base = model.get_base_model()
     adapter = getattr(model, "active_adapter", "default")
+    base_model, base_revision = trained_base(model)
     return {
         "format_version": INIT_FORMAT_VERSION,
         "adapter_name": adapter,
@@ -68,8 +90,8 @@ def init_metadata(model: PeftModel) -> dict[str, Any]:
         "variant": factor_set.config.variant,
         "residual": get_variant(factor_set.config.variant).residual,
         "scaling": factor_set.config.scaling,
-        "base_model": factor_set.base_model,
-        "base_revision": factor_set.base_revision,
+        "base_model": base_model,
+        "base_revision": base_revision,
         "base_model_class": type(base).__name__,
         "base_dtype": str(model_dtype(base)).removeprefix("torch."),
         "model_key": factor_set.model_key,
@@ -85,6 +107,32 @@ def init_metadata(model: PeftModel) -> dict[str, Any]:
     }
 
 
+def trained_base(model: PeftModel) -> tuple[str | None, str | None]:
+    """The base model `model` was built on, as (Hub id or absolute local path, revision).
+
+    That is what its adapter config records (`wrap_with_factors` writes the base actually loaded, local
+    directories made absolute); for a model built otherwise, the factor set's base.
+
+    Example:
+        >>> trained_base(inilora_init("./base")())                              # doctest: +SKIP
+        ('/home/me/base', None)
+    """
+    factor_set = _factor_set_of(model)
+    config = model.peft_config.get(getattr(model, "active_adapter", "default"))
+    name = getattr(config, "base_model_name_or_path", None)
+    if name:
+        return model_reference(name), getattr(config, "revision", None)
+    if factor_set.base_model:
+        return model_reference(factor_set.base_model), factor_set.base_revision
+    return None, None
+
+
+def needs_init_state(factor_set: FactorSet) -> bool:
+    """Whether a raw adapter trained from `factor_set` is wrong without inilora_hf: a residual variant (the base
+    weights became `R`) or variant tensors PEFT cannot hold (LoRA-XS cores)."""
+    return get_variant(factor_set.config.variant).residual or bool(factor_set.variant_extras)
+
+
 def save_init_metadata(model: PeftModel, directory: str | os.PathLike) -> Path:
     """Write `inilora_init.json` and `inilora_init/` (A0/B0 + fingerprints) into `directory`.
 
@@ -96,9 +144,7 @@ def save_init_metadata(model: PeftModel, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     document = init_metadata(model)
     _factor_set_of(model).save_pretrained(directory / INIT_FACTORS_DIR, include_residual=False)
-    tmp = directory / f".{INIT_METADATA_NAME}.tmp"
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=True))
-    os.replace(tmp, directory / INIT_METADATA_NAME)
+    _write_text(directory / INIT_METADATA_NAME, json.dumps(document, indent=2, sort_keys=True))
     return directory
 
 
@@ -153,7 +199,135 @@ def _save_pretrained_with_init_metadata(model: PeftModel, save_directory: str | 
     options = bound.arguments
     if options.get("is_main_process", True) and options.get("path_initial_model_for_weight_conversion") is None:
         save_init_metadata(model, save_directory)
+        label_training_adapter(model, save_directory)
     return result
+
+
+def label_training_adapter(model: PeftModel, directory: str | os.PathLike) -> Path:
+    """Give a saved training-time adapter this package's README.md card and, when plain PEFT would load it wrongly
+    (`needs_init_state`), the `TRAINING_ADAPTER_INIT` marker in its `adapter_config.json` (see the module
+    docstring). Automatic in every `save_pretrained` of a model from `inilora_init` / `load_trained`.
+
+    Example:
+        >>> model.save_pretrained("out/adapter")   # writes the card and the marker itself   # doctest: +SKIP
+        >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("./base"), "out/adapter")   # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: Unknown initialization init_lora_weights='inilora_hf: not a standalone adapter, ...'
+    """
+    directory = Path(directory)
+    factor_set = _factor_set_of(model)
+    adapter = getattr(model, "active_adapter", "default")
+    config_file = (directory if adapter == "default" else directory / adapter) / ADAPTER_CONFIG_NAME
+    if needs_init_state(factor_set) and config_file.is_file():
+        document = json.loads(config_file.read_text())
+        document["init_lora_weights"] = TRAINING_ADAPTER_INIT
+        _write_text(config_file, json.dumps(document, indent=2, sort_keys=True))
+    _write_text(directory / CARD_NAME, str(training_adapter_card(model)))
+    return directory
+
+
+def training_adapter_card(model: PeftModel) -> ModelCard:
+    """The README.md of a training-time adapter directory: what it is, what it needs, how to load or export it.
+
+    Example:
+        >>> print(training_adapter_card(trained_model).text.splitlines()[0])   # doctest: +SKIP
+        # inilora_hf training adapter (`pissa` LoRA init): not a standalone PEFT adapter
+    """
+    factor_set = _factor_set_of(model)
+    config = factor_set.config
+    variant = config.variant
+    base, revision = trained_base(model)
+    classes = task_classes(model.get_base_model(), model.peft_config[model.active_adapter].task_type)
+    base_text = (f"`{base}`" + (f" (revision `{revision}`)" if revision else "")) if base else "an unnamed base model"
+    local = (
+        f"\n\n   The base `{base}` is a local directory, recorded as an absolute path; elsewhere, pass your copy of it: "
+        "`load_trained(dir, base_model=...)`."
+        if base and not is_hub_id(base)
+        else ""
+    )
+    setup = (
+        f"Trained by `inilora_hf` from {base_text} with LoRA (rank {config.rank}, alpha {config.lora_alpha:g}"
+        f"{', rsLoRA' if config.use_rslora else ''}, targets {config.target_modules!r}), initialised with the "
+        f"**{variant}** variant. This folder holds the factors as training saved them (a `checkpoint-N` folder, or "
+        "`trainer.save_model()` / `model.save_pretrained()` output)."
+    )
+    files = f"""
+| file | content |
+|---|---|
+| `adapter_config.json`, `adapter_model.safetensors` | the trained LoRA factors (PEFT layout) |
+| `{INIT_METADATA_NAME}` | the init config, the base model reference and the factor set's identity |
+| `{INIT_FACTORS_DIR}/` | the initial factors A0, B0 the run started from |
+"""
+    if not needs_init_state(factor_set):
+        data = ModelCardData(
+            base_model=base if is_hub_id(base) else None, library_name="peft", tags=["inilora", "lora", "peft", variant]
+        )
+        body = f"""# LoRA adapter trained with a `{variant}` LoRA init (inilora_hf)
+
+{setup}
+
+The `{variant}` variant leaves the base weights unchanged, so this is a standard PEFT adapter for the original base
+model: `PeftModel.from_pretrained(base_model, "path/to/this/folder")`. `inilora_hf.load_trained` and trainer resume
+also use the init metadata below.
+{files}"""
+        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    if get_variant(variant).residual:
+        why = (
+            f"The `{variant}` variant trains on a **residual base**: every target weight `W0` of the base model was "
+            "replaced by `R = W0 − s·B0·A0` (s = LoRA scaling), and PEFT saves only the LoRA factors, never `R`. On "
+            "the original base model these factors compute `W0 + s·B·A` instead of the trained `R + s·B·A`: other "
+            "outputs, without any error."
+        )
+    else:
+        why = (
+            f"The `{variant}` variant trains an r×r core between frozen factors (LoRA-XS), a layer plain PEFT does "
+            "not have: loaded with PEFT alone, these factors compute something else than the trained model, without "
+            "any error."
+        )
+    data = ModelCardData(tags=["inilora", "inilora-training-adapter", variant])
+    body = f"""# inilora_hf training adapter (`{variant}` LoRA init): not a standalone PEFT adapter
+
+{setup}
+
+**Do not load it with `PeftModel.from_pretrained` on the original base model.** {why} So that this cannot happen
+silently, `adapter_config.json` declares `init_lora_weights: "inilora_hf: …"`, which plain
+`PeftModel.from_pretrained` and `{classes.auto_peft_model}` refuse with an error.
+
+Two ways out:
+
+1. **With inilora_hf**: `load_trained` rebuilds the starting point from the original base model and
+   `{INIT_FACTORS_DIR}/`, then loads the trained factors; resuming training works as usual
+   (`trainer.train(resume_from_checkpoint="path/to/checkpoint-N")`).
+
+   ```python
+   from inilora_hf import load_trained
+   model = load_trained("path/to/this/folder")
+   ```{local}
+
+2. **Without inilora_hf**: export standard checkpoints once, then load them with plain transformers / PEFT on the
+   original base model:
+
+   ```bash
+   inilora-hf convert path/to/this/folder --merged merged --lora lora
+   ```
+
+   ```python
+   from transformers import {classes.auto_model}
+   from peft import {classes.auto_peft_model}
+   merged = {classes.auto_model}.from_pretrained("merged")       # the LoRA update merged into the weights
+   adapter = {classes.auto_peft_model}.from_pretrained("lora")   # a standard adapter on the original base
+   ```
+
+   (`inilora_hf.convert.to_merged` / `to_lora` do the same from Python.)
+{files}"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace `path` atomically."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_trained(
@@ -195,6 +369,7 @@ def load_trained(
 
     Raises:
         FileNotFoundError: `checkpoint_dir` is not an adapter directory.
+        BaseModelNotFoundError: The base model is not found (missing directory, repo or revision; offline miss).
         ValueError: The checkpoint has no init metadata and no `factors=` was given, or the adapter does not
             fit the factor set.
         FactorSetMismatchError: The base model's weights are not those the factors were computed from.
@@ -212,17 +387,19 @@ def load_trained(
     metadata = read_init_metadata(directory) or {}
     factor_set = _resolve_factor_set(directory, metadata, factors)
     adapter = metadata.get("adapter_name", "default")
-    saved = LoraConfig.from_pretrained(directory)
+    saved = _saved_lora_config(directory)
     lora_kwargs = _lora_kwargs(saved, factor_set, directory)
-    base = _load_base(base_model, metadata, factor_set, dtype=dtype, model_class=model_class,
-                      revision=revision, model_kwargs=model_kwargs)
+    base, base_revision = _load_base(base_model, metadata, factor_set, dtype=dtype, model_class=model_class,
+                                     revision=revision, model_kwargs=model_kwargs)
     if strict and (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
         # Quantized weights cannot match the full-precision fingerprints; the stored residual fixes R instead.
         logger.info("Base model is quantized: fingerprint check skipped; the factor set's stored residual is used.")
     elif strict:
         factor_set.check_compatible(model_fingerprints(base, factor_set.config))
     source = metadata.get("factor_source") or ("given" if factors is not None else str(directory / INIT_FACTORS_DIR))
-    peft_model = wrap_with_factors(base, factor_set, adapter_name=adapter, source=source, **lora_kwargs)
+    peft_model = wrap_with_factors(
+        base, factor_set, adapter_name=adapter, source=source, revision=base_revision, **lora_kwargs
+    )
     result = peft_model.load_adapter(directory, adapter, is_trainable=is_trainable)
     if result.missing_keys:
         raise ValueError(f"{directory} lacks LoRA weights for {sorted(result.missing_keys)[:3]}; the adapter is incomplete.")
@@ -232,6 +409,14 @@ def load_trained(
             parameter.requires_grad_(False)
     logger.info("Loaded trained %s model from %s.", factor_set.config.variant, directory)
     return attach_init_metadata(peft_model)
+
+
+def _saved_lora_config(directory: Path) -> LoraConfig:
+    """The adapter's `LoraConfig`, with the `TRAINING_ADAPTER_INIT` marker read as PEFT's default `True`."""
+    attributes = LoraConfig.from_json_file(str(directory / ADAPTER_CONFIG_NAME))
+    if attributes.get("init_lora_weights") == TRAINING_ADAPTER_INIT:
+        attributes["init_lora_weights"] = True
+    return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**attributes))
 
 
 def _resolve_factor_set(directory: Path, metadata: dict[str, Any], factors: Any) -> FactorSet:
@@ -311,11 +496,12 @@ def _load_base(
     model_class: type | None,
     revision: str | None,
     model_kwargs: dict[str, Any] | None,
-) -> nn.Module:
+) -> tuple[nn.Module, str | None]:
+    """The base model to rebuild the run on, and the revision it was loaded at."""
     if isinstance(base_model, PeftModel):
         raise TypeError("`base_model` must be the original model without adapters, not a PeftModel.")
     if isinstance(base_model, nn.Module):
-        return base_model
+        return base_model, None
     name = base_model if base_model is not None else metadata.get("base_model") or factor_set.base_model
     if not name:
         raise ValueError("The checkpoint does not record its base model; pass `load_trained(dir, base_model=...)`.")
@@ -330,7 +516,14 @@ def _load_base(
     if model_class is None:
         model_class = getattr(transformers, str(metadata.get("base_model_class")), None) or transformers.AutoModelForCausalLM
     try:
-        return model_class.from_pretrained(str(name), **kwargs)
+        return load_pretrained(model_class, str(name), **kwargs), kwargs.get("revision")
+    except BaseModelNotFoundError as error:
+        if base_model is not None:
+            raise
+        raise BaseModelNotFoundError(
+            f"{error} (It is the base model recorded in the checkpoint; to use another copy of it, pass "
+            "`load_trained(dir, base_model=<Hub id, directory or loaded model>)`.)"
+        ) from error
     except OSError as error:
         raise OSError(
             f"Could not load the base model {name!r} recorded in the checkpoint ({error}). Pass the original base "

@@ -1,17 +1,32 @@
-"""Where a model's weights live on disk: its local or Hub-cache directory and its safetensors files.
+"""Where a model's weights live: its local or Hub-cache directory, its safetensors files, and loading it.
 
-Used by the streamed computation (which reads tensors straight from the files) and by the fingerprint memo
-(which identifies a checkpoint by its files' stat information).
+Used by the streamed computation (which reads tensors straight from the files), by the fingerprint memo
+(which identifies a checkpoint by its files' stat information), and by everything that loads a base model
+(`load_pretrained`: a missing directory, repo or revision, or an offline cache miss, raises
+`BaseModelNotFoundError` naming the model and the fix).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors import safe_open
 
+from .errors import BaseModelNotFoundError
 from .hub import snapshot_commit
 
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -21,6 +36,116 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 def _hub_id_shaped(text: str) -> bool:
     """`name` or `org/name`: not an absolute, relative (`./`, `../`) or home (`~`) path, at most one slash."""
     return not (Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1)
+
+
+def model_reference(model: str | os.PathLike) -> str:
+    """How to name `model` so that it loads from any working directory: a local directory as its absolute path,
+    anything else (a Hub id) unchanged. This is what `from_pretrained(model)` reads, resolved now.
+
+    Example:
+        >>> model_reference("meta-llama/Llama-3.2-1B")
+        'meta-llama/Llama-3.2-1B'
+        >>> os.path.isabs(model_reference("."))
+        True
+    """
+    path = os.path.expanduser(os.fspath(model))
+    return os.path.abspath(path) if os.path.isdir(path) else os.fspath(model)
+
+
+def check_model_location(model: str | os.PathLike) -> None:
+    """Raise `BaseModelNotFoundError` when `model` is written as a path (absolute, `./`, `../`, `~`, or with more
+    than one `/`) but is not a directory. Hub ids are checked when they are loaded.
+
+    Example:
+        >>> check_model_location("org/name")         # a Hub id: checked on load
+        >>> check_model_location("./no_such_model")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        inilora_hf.errors.BaseModelNotFoundError: No checkpoint directory './no_such_model' ...
+    """
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.is_dir() or _hub_id_shaped(text):
+        return
+    what = "is a file, not a model directory" if path.exists() else "does not exist"
+    raise BaseModelNotFoundError(
+        f"No checkpoint directory {text!r}: {path.absolute()} {what}. Pass a directory holding the model's config.json "
+        "and weights (as written by `save_pretrained`), or a Hub model id ('org/name')."
+    )
+
+
+def load_pretrained(model_class: Any, model: str | os.PathLike, **kwargs: Any) -> Any:
+    """`model_class.from_pretrained(model, **kwargs)`, where a missing local directory, Hub repo or revision, a
+    gated repo, or an offline cache miss raises `BaseModelNotFoundError` naming the model and the fix.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> base = load_pretrained(AutoModelForCausalLM, "./base", dtype="bfloat16")   # doctest: +SKIP
+    """
+    check_model_location(model)
+    name = os.fspath(model)
+    with base_model_errors(name, revision=kwargs.get("revision")):
+        # transformers does not expand `~`; check_model_location has made sure such a path is a directory
+        return model_class.from_pretrained(os.path.expanduser(name) if name.startswith("~") else name, **kwargs)
+
+
+@contextlib.contextmanager
+def base_model_errors(model: str, *, revision: str | None = None) -> Iterator[None]:
+    """Re-raise a failure to find base model `model` (a huggingface_hub error, also when transformers wraps it in
+    an `OSError`) as `BaseModelNotFoundError` naming the model, the revision and the fix. Other errors pass."""
+    try:
+        yield
+    except BaseModelNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        message = _base_model_problem(model, revision, _hub_cause(error))
+        if message is None:
+            raise
+        raise BaseModelNotFoundError(message) from error
+
+
+def _hub_cause(error: BaseException) -> BaseException | None:
+    """The huggingface_hub error in `error`'s chain that says why a model was not found, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
+                                LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _base_model_problem(model: str, revision: str | None, cause: BaseException | None) -> str | None:
+    endpoint = constants.ENDPOINT
+    if isinstance(cause, HFValidationError):
+        return (
+            f"Base model {model!r} is neither an existing directory nor a valid Hub model id ('org/name'). Pass the "
+            "directory of a saved model or a Hub id."
+        )
+    if isinstance(cause, GatedRepoError):
+        return (
+            f"Base model {model!r} on {endpoint} is gated: accept its conditions on the model page, then pass a token "
+            "with access (HF_TOKEN or `hf auth login`)."
+        )
+    if isinstance(cause, RepositoryNotFoundError):
+        return (
+            f"Base model {model!r} is not a local directory and was not found on {endpoint}. Check the id; for a "
+            "private repo log in (`hf auth login` or HF_TOKEN); or pass the path of a local copy."
+        )
+    if isinstance(cause, RevisionNotFoundError):
+        return (
+            f"Base model {model!r} has no revision {revision or 'main'!r} on {endpoint}. Pass an existing branch, "
+            "tag or commit sha as `revision=`."
+        )
+    if isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        offline = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else f"{endpoint} cannot be reached"
+        return (
+            f"Base model {model!r} (revision {revision or 'main'!r}) is not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and {offline}. Download it once while online (`hf download {model}`), "
+            "or pass the path of a local copy."
+        )
+    return None
 
 
 def resolve_checkpoint(
@@ -38,15 +163,11 @@ def resolve_checkpoint(
     if path.is_dir():
         return path, revision
     text = str(base)
-    if path.exists() or not _hub_id_shaped(text):
-        raise FileNotFoundError(
-            f"No checkpoint directory {text!r}. Pass an existing directory or a Hub model id ('org/name')."
+    check_model_location(text)
+    with base_model_errors(text, revision=revision):
+        snapshot = Path(
+            snapshot_download(text, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors"])
         )
-    from huggingface_hub import snapshot_download
-
-    snapshot = Path(
-        snapshot_download(text, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors"])
-    )
     return snapshot, snapshot_commit(snapshot) or revision
 
 
@@ -97,7 +218,5 @@ def cached_checkpoint_dir(
     text = str(model)
     if not _hub_id_shaped(text):
         return None
-    from huggingface_hub import try_to_load_from_cache
-
     config = try_to_load_from_cache(text, "config.json", cache_dir=cache_dir, revision=revision)
     return Path(config).parent if isinstance(config, str) else None

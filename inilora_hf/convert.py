@@ -10,6 +10,11 @@ saves base weights: the raw adapter of such a run, loaded on the original base m
   `B' = [B, −B0]` and alpha scaled so `s` is unchanged, so that `s·B'·A' = s·(B·A − B0·A0)`; loads with
   `PeftModel.from_pretrained(original_base, dir)`. Non-residual variants keep their rank-r adapter.
 
+Both load from any working directory with the `Auto…` classes alone: the adapter records the task type of the
+base model's class (`CAUSAL_LM`, `SEQ_CLS`, ...) and the base actually trained on (a Hub id, or a local
+directory's absolute path), so `AutoPeftModelForCausalLM.from_pretrained(dir)` finds it; the merged checkpoint
+keeps the base's inference settings (`use_cache`), not the trainer's. Each gets a README.md model card.
+
 Both accept a trained `PeftModel` built by `inilora_init` (or `inilora_hf.load_trained`), or the path of a
 checkpoint directory written during training (`out/checkpoint-500`).
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import save_torch_state_dict
+from huggingface_hub import ModelCard, ModelCardData, save_torch_state_dict
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -35,11 +40,13 @@ from peft.utils.integrations import get_bnb_param_type
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-from .checkpoint import load_trained, model_dtype
+from .checkpoint import CARD_NAME, load_trained, model_dtype, trained_base
 from .factors import FactorSet
 from .log import get_logger
 from .loraxs import fold_cores, folded_lora_B, initial_lora_B, is_loraxs
+from .model_card import is_hub_id
 from .targets import read_weight
+from .tasks import task_classes
 from .variants import get_variant
 
 logger = get_logger(__name__)
@@ -64,8 +71,10 @@ def to_merged(
 
     Every target weight becomes `R + s·B·A` computed in fp32 from the model's current base weight `R` and
     factors, then cast once to `dtype`; every other tensor is copied (cast to `dtype` if given). Quantized
-    (bitsandbytes) layers are dequantized. The caller's model is not modified. The directory is written
-    next to `output_dir` under a temporary name and renamed when complete.
+    (bitsandbytes) layers are dequantized. `config.json` is the base model's, with the inference settings it had
+    before training (`use_cache`, which `Trainer` turns off). A README.md model card says how to load it. The
+    caller's model is not modified. The directory is written next to `output_dir` under a temporary name and
+    renamed when complete.
 
     Args:
         model: A trained `PeftModel` from `inilora_init`/`load_trained`, or a checkpoint directory
@@ -94,12 +103,13 @@ def to_merged(
     base = peft_model.get_base_model()
     out_dtype = dtype or model_dtype(base)
     state = merged_state_dict(peft_model, dtype=out_dtype, adapter_name=adapter_name)
-    skeleton = _plain_skeleton(base, out_dtype)
+    skeleton = _plain_skeleton(base, out_dtype, getattr(peft_model, "base_inference_config", {}))
     _check_keys(state, skeleton)
     with _atomic_directory(output_dir, overwrite=overwrite) as tmp:
         skeleton.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        export_card(peft_model, kind="merged").save(tmp / CARD_NAME)
     logger.info("Wrote merged checkpoint (%s) to %s.", str(out_dtype).removeprefix("torch."), output_dir)
     return Path(output_dir)
 
@@ -116,8 +126,10 @@ def to_lora(
 
     For residual variants the adapter has rank 2r: `A' = [A; A0]`, `B' = [B, −B0]`, `lora_alpha` doubled
     (×√2 with rsLoRA) so the scaling is unchanged, and `init_lora_weights: true`; A0/B0 come from the
-    model's factor set. For `lora`/`gaussian` it is the rank-r adapter itself. `base_model_name_or_path`
-    is the factor set's base model. The directory is written atomically.
+    model's factor set. For `lora`/`gaussian` it is the rank-r adapter itself. `base_model_name_or_path` is
+    the base the model was trained on (a Hub id, or a local directory's absolute path) and `task_type` that
+    of its class (unless the LoRA config set one), so `AutoPeftModelFor…` loads it from any working directory.
+    A README.md model card says so. The directory is written atomically.
 
     Args:
         model: A trained `PeftModel` from `inilora_init`/`load_trained`, or a checkpoint directory.
@@ -133,9 +145,14 @@ def to_lora(
         >>> from inilora_hf import convert
         >>> convert.to_lora(trained_model, "out/lora")                            # doctest: +SKIP
         >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), "out/lora")   # doctest: +SKIP
+        >>> AutoPeftModelForCausalLM.from_pretrained("out/lora")   # loads the recorded base itself   # doctest: +SKIP
     """
     peft_model, _ = _resolve(model, base_model=base_model, tokenizer=None)
     state, config = standard_lora(peft_model, adapter_name=adapter_name)
+    base = peft_model.get_base_model()
+    # Like PEFT's own save: without a task type, `auto_mapping` names the class for `AutoPeftModel`.
+    auto_mapping = None if config.task_type else {"base_model_class": type(base).__name__,
+                                                  "parent_library": type(base).__module__}
     with _atomic_directory(output_dir, overwrite=overwrite) as tmp:
         save_torch_state_dict(
             state,
@@ -144,7 +161,8 @@ def to_lora(
             max_shard_size=1 << 62,  # PEFT reads a single adapter file
             metadata={"format": "pt"},
         )
-        config.save_pretrained(tmp)
+        config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
+        export_card(peft_model, kind="lora", adapter_name=adapter_name).save(tmp / CARD_NAME)
     logger.info("Wrote standard LoRA adapter (r=%d, alpha=%g) to %s.", config.r, config.lora_alpha, output_dir)
     return Path(output_dir)
 
@@ -223,11 +241,109 @@ def standard_lora(model: PeftModel, *, adapter_name: str | None = None) -> tuple
         _append_initial_factors(state, config, factor_set)
     config.init_lora_weights = True
     config.inference_mode = True
-    if factor_set.base_model:
-        config.base_model_name_or_path = factor_set.base_model
-    if factor_set.base_revision:
-        config.revision = factor_set.base_revision
+    config.base_model_name_or_path, config.revision = trained_base(peft_model)
+    if config.task_type is None:
+        config.task_type = task_classes(peft_model.get_base_model(), None).task_type
+        _add_task_heads(state, peft_model, config.task_type)
     return state, config
+
+
+# Head modules that `PeftModelFor<task>` wraps as `modules_to_save` when it loads an adapter of that task type, and
+# whose weights it then requires in the adapter file (peft/peft_model.py: `classifier_module_names`, `qa_module_names`).
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _add_task_heads(state: dict[str, torch.Tensor], model: PeftModel, task_type: str | None) -> None:
+    """Put the task head's current weights (frozen during training, or randomly initialised when the base checkpoint
+    has none) into an adapter that gets the task type only now, as PEFT's loader for that task expects them."""
+    heads = _TASK_HEADS.get(task_type or "", ())
+    for name, module in model.get_base_model().named_modules():
+        if name.endswith(heads) and not isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+            for key, tensor in module.state_dict().items():
+                state.setdefault(f"base_model.model.{name}.{key}", tensor.detach().cpu())
+
+
+def export_card(model: PeftModel, *, kind: str, adapter_name: str | None = None) -> ModelCard:
+    """The model card of a standard export: `kind="merged"` (library transformers) or `"lora"` (library peft).
+
+    It names the base model the run was trained on (for a local one, its absolute path, and what to do on
+    another machine), the init variant, the factor set, and the `Auto…` class that loads the export.
+
+    Example:
+        >>> print(export_card(trained_model, kind="lora").data.library_name)     # doctest: +SKIP
+        peft
+    """
+    if kind not in ("merged", "lora"):
+        raise ValueError(f"kind must be 'merged' or 'lora', got {kind!r}.")
+    peft_model = _require_peft(model)
+    factor_set = _require_factor_set(peft_model)
+    config = factor_set.config
+    spec = get_variant(config.variant)
+    adapter = adapter_name or peft_model.active_adapter
+    classes = task_classes(peft_model.get_base_model(), peft_model.peft_config[adapter].task_type)
+    base, revision = trained_base(peft_model)
+    hub_base = base if is_hub_id(base) else None
+    data = ModelCardData(
+        base_model=hub_base,
+        library_name="transformers" if kind == "merged" else "peft",
+        tags=["inilora", "lora", config.variant] + (["peft"] if kind == "lora" else []),
+    )
+    if kind == "merged":
+        how = (
+            "The LoRA update is merged into the weights: `"
+            f"{classes.auto_model}.from_pretrained(\"<this folder or repo>\")` loads it, no base model needed."
+        )
+        residual = " The merged weights are `R + s·B·A = W0 + s·(B·A − B0·A0)`." if spec.residual else ""
+    else:
+        base_load = f'{classes.auto_model}.from_pretrained("{base or "<base model>"}")'
+        how = (
+            "A standard PEFT LoRA adapter for the unmodified base model: `"
+            f"{classes.auto_peft_model}.from_pretrained(\"<this folder or repo>\")` loads the base recorded in "
+            f"`adapter_config.json` and the adapter; `PeftModel.from_pretrained({base_load}, \"<this folder or "
+            "repo>\")` does the same with a base you load yourself."
+        )
+        residual = (
+            " The variant trains on a residual base `R = W0 − s·B0·A0`; this adapter has rank 2r "
+            "(`A' = [A; A0]`, `B' = [B, −B0]`, same scaling) so that it applies to the original weights `W0`."
+            if spec.residual
+            else ""
+        )
+    if base is None:
+        where = "The base model has no name or path on record."
+    elif hub_base:
+        where = f"Base model: the Hub model `{base}`" + (f" at revision `{revision}`." if revision else ".")
+    elif kind == "merged":
+        where = f"Base model: the local directory `{base}`."
+    else:
+        where = (
+            f"Base model: the local directory `{base}`, recorded in `adapter_config.json` as this absolute path so "
+            "that the adapter loads from any working directory on this machine. Elsewhere, load your copy of that "
+            "model and pass it to `PeftModel.from_pretrained`."
+        )
+    repo, factor_revision = factor_set.info.get("source_repo"), factor_set.info.get("source_revision")
+    factors = (f"`{repo}`" + (f" at commit `{factor_revision}`" if factor_revision else "")) if repo else None
+    lines = [
+        f"# {'Merged model' if kind == 'merged' else 'LoRA adapter'} trained with a `{config.variant}` LoRA init",
+        "",
+        (
+            f"Fine-tuned from `{base or 'an unnamed base model'}` with LoRA (rank {config.rank}, alpha "
+            f"{config.lora_alpha:g}{', rsLoRA' if config.use_rslora else ''}, targets {config.target_modules!r}), "
+            f"initialised with the **{config.variant}** variant by `inilora_hf`.{residual}"
+        ),
+        "",
+        how,
+        "",
+        where,
+        "",
+        f"- Init variant: `{config.variant}`" + (f" — {spec.description}" if spec.description else ""),
+        (
+            f"- Factor set: {factors or 'computed locally'} (config hash `{config.config_hash()}`, "
+            f"base-weight key `{factor_set.model_key}`)"
+        ),
+    ]
+    if spec.citation:
+        lines += ["", "## Citation", "", "```", spec.citation.strip(), "```"]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 def _append_initial_factors(state: dict[str, torch.Tensor], config: LoraConfig, factor_set: FactorSet) -> None:
@@ -323,13 +439,16 @@ def _storage_groups(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, ...]
     return {key: tuple(sorted(keys)) for keys in groups.values() for key in keys}
 
 
-def _plain_skeleton(base: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _plain_skeleton(base: nn.Module, dtype: torch.dtype, inference_config: dict[str, Any]) -> nn.Module:
     """A weightless (meta-device) instance of the base model's own class, to save the merged state with.
 
     Saving through it (rather than the PEFT-wrapped base) writes the plain class name, dtype and weight
-    conversions without touching the caller's model or its config.
+    conversions without touching the caller's model or its config. `inference_config` holds the values the
+    base had before a trainer switched them for training (`apply.TRAINING_SWITCHES`).
     """
     config = copy.deepcopy(base.config)
+    for name, value in inference_config.items():
+        setattr(config, name, value)
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
         if attribute in config.__dict__:
             delattr(config, attribute)

@@ -37,3 +37,8 @@ class HubAuthenticationError(FactorSetHubError):
 class OutputExistsError(FileExistsError):
     """An output folder already holds a result (or other files); it is replaced only with `overwrite=True`
     (command line: `--overwrite`)."""
+
+
+class BaseModelNotFoundError(FileNotFoundError):
+    """The base model cannot be loaded: no such local directory, no such Hub repo or revision (or it is private),
+    or it is not in the local cache while offline."""

@@ -18,6 +18,7 @@ from .apply import wrap_with_factors
 from .cache import get_or_build
 from .calibration import CalibrationSource, calibrate, estimate_gradients
 from .checkpoint import attach_init_metadata
+from .checkpoint_files import check_model_location, load_pretrained, model_reference
 from .compute import compute_factor_set, default_device
 from .config import InitConfig, normalize_targets
 from .factors import FactorSet
@@ -74,6 +75,8 @@ class InitFunction:
             )
         if not isinstance(model, (str, os.PathLike, nn.Module)):
             raise TypeError(f"`model` must be a Hub id, a directory or a loaded model, got {type(model).__name__}.")
+        if isinstance(model, (str, os.PathLike)):
+            check_model_location(model)
         self.config = config
         self.factor_set: FactorSet | None = factors if isinstance(factors, FactorSet) else None
         self._factors_source = None if isinstance(factors, FactorSet) else factors
@@ -97,10 +100,17 @@ class InitFunction:
 
     @property
     def base_model_name(self) -> str | None:
-        """The base model's Hub id or path (for a loaded model, its `config._name_or_path`)."""
+        """The base model's Hub id, or a local directory's absolute path (for a loaded model, its
+        `config._name_or_path`, made absolute if it names a local directory)."""
         if isinstance(self._model, nn.Module):
-            return getattr(getattr(self._model, "config", None), "_name_or_path", None) or None
-        return str(self._model)
+            name = getattr(getattr(self._model, "config", None), "_name_or_path", None)
+            return model_reference(name) if name else None
+        return model_reference(self._model)
+
+    @property
+    def revision(self) -> str | None:
+        """The revision `load_base_model` loads the base at (`model_kwargs["revision"]` wins, as in `from_pretrained`)."""
+        return self._model_kwargs.get("revision", self._revision)
 
     @property
     def needs_calibration_data(self) -> bool:
@@ -136,13 +146,17 @@ class InitFunction:
         self._default_eta = eta
 
     def load_base_model(self) -> nn.Module:
-        """A fresh, unmodified copy of the base model (loaded from disk/Hub, or deep-copied)."""
+        """A fresh, unmodified copy of the base model (loaded from disk/Hub, or deep-copied).
+
+        Raises:
+            BaseModelNotFoundError: no such local directory, Hub repo or revision, or not cached while offline.
+        """
         if isinstance(self._model, nn.Module):
             return copy.deepcopy(self._model)
         kwargs = dict(self._model_kwargs)
         if self._revision is not None:
             kwargs.setdefault("revision", self._revision)
-        return self._model_class.from_pretrained(self._model, **kwargs)
+        return load_pretrained(self._model_class, self._model, **kwargs)
 
     def prepare(self, base: nn.Module | None = None) -> FactorSet:
         """Resolve the factor set (load the given one, or compute it) without building a PEFT model.
@@ -208,7 +222,8 @@ class InitFunction:
             weights = {n: read_weight(m) for n, m in modules.items()}
         else:
             kwargs = {k: v for k, v in self._model_kwargs.items() if k not in ("quantization_config", "device_map")}
-            full = self._model_class.from_pretrained(self._model, **{**kwargs, "dtype": torch.float32})
+            kwargs.update(dtype=torch.float32, revision=self.revision)
+            full = load_pretrained(self._model_class, self._model, **kwargs)
             weights = {n: read_weight(m).clone() for n, m in find_target_linears(full, self.config.target_modules).items()}
             del full
         return weights, {n: weight_fingerprint(w) for n, w in weights.items()}
@@ -231,7 +246,7 @@ class InitFunction:
                 self.config,
                 fingerprints=fingerprints,
                 base_model=self.base_model_name,
-                base_revision=self._revision,
+                base_revision=self.revision,
                 device=self._device if self._device is not None else default_device(),
                 gradients=None if calibration is None else estimate_gradients(
                     base, calibration.batches, list(weights), sample_counts=calibration.sample_counts
@@ -282,7 +297,9 @@ class InitFunction:
         """Return a new `PeftModel` ready to train (`trial` from hyper-parameter search is accepted)."""
         base, checkpoint = (self.load_base_model(), None) if self._verified else self._load_identified()
         self._resolve(base, checkpoint)
-        model = wrap_with_factors(base, self.factor_set, source=self.factor_source, **self._lora_kwargs)
+        model = wrap_with_factors(
+            base, self.factor_set, source=self.factor_source, revision=self.revision, **self._lora_kwargs
+        )
         return attach_init_metadata(model)
 
 
@@ -361,6 +378,10 @@ def inilora_init(
     Returns:
         An `InitFunction`; call it (or let a Trainer call it) to get a `PeftModel` with `.factor_set` and
         `.init_report`.
+
+    Raises:
+        BaseModelNotFoundError: `model` is written as a path (`./x`, `/x`, `~/x`, `a/b/c`) but is no directory;
+            a Hub id that does not exist, or is not cached while offline, raises it on the first call.
 
     Example:
         >>> from inilora_hf import inilora_init, SFTTrainer

@@ -19,15 +19,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .convert import to_lora, to_merged
 from .log import get_logger
-from .model_card import is_hub_id
 from .report import InitReport
-from .variants import get_variant
 
 logger = get_logger(__name__)
 
@@ -234,70 +232,17 @@ class PushStandardCheckpointCallback(TrainerCallback):
             if self.merged:
                 repo_id = self.merged_repo_id or f"{stem}-merged"
                 folder = to_merged(model, Path(tmp) / "merged", dtype=self.dtype, tokenizer=kwargs.get("processing_class"))
-                self.pushed["merged"] = self._push(api, repo_id, folder, model, kind="merged", private=private)
+                self.pushed["merged"] = self._push(api, repo_id, folder, kind="merged", private=private)
             if self.lora:
                 repo_id = self.lora_repo_id or f"{stem}-lora"
                 folder = to_lora(model, Path(tmp) / "lora")
-                self.pushed["lora"] = self._push(api, repo_id, folder, model, kind="lora", private=private)
+                self.pushed["lora"] = self._push(api, repo_id, folder, kind="lora", private=private)
 
-    def _push(self, api: HfApi, repo_id: str, folder: Path, model: Any, *, kind: str, private: bool | None) -> str:
-        model_card(model, kind=kind).save(folder / "README.md")
+    def _push(self, api: HfApi, repo_id: str, folder: Path, *, kind: str, private: bool | None) -> str:
+        """Upload an export folder (its README.md model card, written by `to_merged` / `to_lora`, included)."""
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message=f"Upload {kind} checkpoint (inilora_hf standard export)"
         )
         logger.info("Pushed the %s checkpoint to %s (%s).", kind, repo_id, commit.oid)
         return repo_id
-
-
-def model_card(model: Any, *, kind: str) -> ModelCard:
-    """The model card of a standard export: `kind="merged"` (library transformers) or `"lora"` (library peft).
-
-    Example:
-        >>> print(model_card(trained_model, kind="lora").data.library_name)      # doctest: +SKIP
-        peft
-    """
-    if kind not in ("merged", "lora"):
-        raise ValueError(f"kind must be 'merged' or 'lora', got {kind!r}.")
-    factor_set = model.factor_set
-    config = factor_set.config
-    spec = get_variant(config.variant)
-    base = factor_set.base_model if is_hub_id(factor_set.base_model) else None
-    data = ModelCardData(
-        base_model=base,
-        library_name="transformers" if kind == "merged" else "peft",
-        tags=["inilora", "lora", config.variant] + (["peft"] if kind == "lora" else []),
-    )
-    base_name = f'"{factor_set.base_model}"' if factor_set.base_model else "<base model>"
-    if kind == "merged":
-        how = "The LoRA update is merged into the weights: load it with `AutoModelForCausalLM.from_pretrained`."
-        residual = " The merged weights are `R + s·B·A = W0 + s·(B·A − B0·A0)`." if spec.residual else ""
-    else:
-        how = (
-            "A standard PEFT LoRA adapter for the unmodified base model: `PeftModel.from_pretrained("
-            f"AutoModelForCausalLM.from_pretrained({base_name}), <this repo>)`."
-        )
-        residual = (
-            " The variant trains on a residual base `R = W0 − s·B0·A0`; this adapter has rank 2r "
-            "(`A' = [A; A0]`, `B' = [B, −B0]`, same scaling) so that it applies to the original weights `W0`."
-            if spec.residual
-            else ""
-        )
-    repo, revision = factor_set.info.get("source_repo"), factor_set.info.get("source_revision")
-    factors = (f"`{repo}`" + (f" at commit `{revision}`" if revision else "")) if repo else None
-    lines = [
-        f"# {'Merged model' if kind == 'merged' else 'LoRA adapter'} trained with a `{config.variant}` LoRA init",
-        "",
-        f"Fine-tuned from `{factor_set.base_model or 'an unnamed base model'}` with LoRA (rank {config.rank}, "
-        f"alpha {config.lora_alpha:g}{', rsLoRA' if config.use_rslora else ''}, targets {config.target_modules!r}), "
-        f"initialised with the **{config.variant}** variant by `inilora_hf`.{residual}",
-        "",
-        how,
-        "",
-        f"- Init variant: `{config.variant}`" + (f" — {spec.description}" if spec.description else ""),
-        f"- Factor set: {factors or 'computed locally'} (config hash `{config.config_hash()}`, "
-        f"base-weight key `{factor_set.model_key}`)",
-    ]
-    if spec.citation:
-        lines += ["", "## Citation", "", "```", spec.citation.strip(), "```"]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")

@@ -12,18 +12,21 @@ import torch
 
 RELOAD_SCRIPT = r"""
 import json, sys
-import torch
-from transformers import AutoModelForCausalLM
+import peft, torch, transformers
 from peft import PeftModel
 
 spec = json.loads(sys.argv[1])
+auto_model, auto_peft_model = getattr(transformers, spec["auto_model"]), getattr(peft, spec["auto_peft_model"])
 ids = torch.tensor(spec["input_ids"])
 reference = torch.load(spec["logits"])
 with torch.no_grad():
-    merged = AutoModelForCausalLM.from_pretrained(spec["merged"])
-    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(spec["base"]), spec["lora"])
+    merged = auto_model.from_pretrained(spec["merged"])
+    lora = PeftModel.from_pretrained(auto_model.from_pretrained(spec["base"]), spec["lora"])
+    auto_lora = auto_peft_model.from_pretrained(spec["lora"])  # the base recorded in adapter_config.json
     result = {"merged": (merged(input_ids=ids).logits - reference).abs().max().item(),
               "lora": (lora(input_ids=ids).logits - reference).abs().max().item(),
+              "auto_lora": (auto_lora(input_ids=ids).logits - reference).abs().max().item(),
+              "auto_lora_class": type(auto_lora).__name__,
               "r": lora.peft_config["default"].r,
               "inilora_hf_imported": "inilora_hf" in sys.modules}
 print(json.dumps(result))
@@ -49,14 +52,23 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def reload_exports_without_inilora(
-    base: Path, merged: Path, lora: Path, input_ids: torch.Tensor, logits: torch.Tensor, work: Path
+    base: Path | str,
+    merged: Path,
+    lora: Path,
+    input_ids: torch.Tensor,
+    logits: torch.Tensor,
+    work: Path,
+    *,
+    cwd: Path | None = None,
+    auto_classes: tuple[str, str] = ("AutoModelForCausalLM", "AutoPeftModelForCausalLM"),
 ) -> dict:
-    """Load `merged` with plain transformers and `lora` with plain peft on `base` in a fresh process; return the
-    max |Δlogits| of each against `logits`, the adapter's rank, and whether inilora_hf got imported."""
+    """Load `merged` with plain transformers, `lora` with plain peft on `base` (a directory or Hub id) and `lora`
+    alone with the `auto_classes[1]` class of peft, in a fresh process started in `cwd`; return the max |Δlogits|
+    of each against `logits`, the adapter's rank, and whether inilora_hf got imported."""
     torch.save(logits, work / "reference-logits.pt")
-    spec = {"base": str(base), "merged": str(merged), "lora": str(lora),
-            "logits": str(work / "reference-logits.pt"), "input_ids": input_ids.tolist()}
+    spec = {"base": str(base), "merged": str(merged), "lora": str(lora), "logits": str(work / "reference-logits.pt"),
+            "input_ids": input_ids.tolist(), "auto_model": auto_classes[0], "auto_peft_model": auto_classes[1]}
     run = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -105,7 +105,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
         convert.to_merged(model, folder / "merged")
         convert.to_lora(model, folder / "lora")
         unchanged[case] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-        model.save_pretrained(folder / "raw")  # what PEFT alone saves: the bug this module fixes
+        type(model).save_pretrained(model, folder / "raw")  # what PEFT alone saves: the bug this module fixes
         cases[case], models[case] = str(folder), model
     spec = {"base": str(base_dir), "cases": cases, "input_ids": INPUT_IDS.tolist()}
     run = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
@@ -211,7 +211,7 @@ def test_output_directory_is_written_atomically(exported: dict, tmp_path: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]  # no half-written or temporary folder
     monkeypatch.undo()
     convert.to_lora(model, target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_conversion_errors_name_the_problem(exported: dict, tmp_path: Path) -> None:

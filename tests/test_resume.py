@@ -140,7 +140,7 @@ def test_init_metadata_in_every_checkpoint_and_save_model_output(run: dict, fold
 def test_export_callback_writes_standard_checkpoints(run: dict, folder: str) -> None:
     export = run["first"] / folder / "export"
     assert {"model.safetensors", "config.json"} <= {p.name for p in (export / "merged").iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json"} == {p.name for p in (export / "lora").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} == {p.name for p in (export / "lora").iterdir()}
     assert json.loads((export / "lora" / "adapter_config.json").read_text())["r"] == 8  # 2r: residual variant
 
 
