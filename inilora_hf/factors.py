@@ -212,8 +212,10 @@ class FactorSet:
         """Load a factor set from a local directory or a Hub repo (downloaded with `snapshot_download`).
 
         Every file is checked against the checksum recorded at save time; a missing, truncated or altered
-        file raises `FactorSetCorruptError` naming it. `verify_checksums=False` skips the hashing (only for a
-        directory whose files were just verified otherwise, e.g. a cache entry checked against its manifest).
+        file raises `FactorSetCorruptError` naming it. From the Hub, a file that arrives damaged is removed from
+        the HF cache and downloaded again (see `inilora_hf.hub.download_factor_set`). `verify_checksums=False`
+        skips the hashing (only for a directory whose files were just verified otherwise, e.g. a cache entry
+        checked against its manifest).
 
         Example:
             >>> fs = FactorSet.from_pretrained("org/llama-3-8b-inilora-r8", revision="main")   # doctest: +SKIP
@@ -232,6 +234,7 @@ class FactorSet:
                 local_files_only=local_files_only,
             )
             source = hub_source(str(name_or_path), path)
+            verify_checksums = False  # download_factor_set has just checked every file (and re-fetched bad ones)
         factor_set = cls._load_directory(path, verify_checksums=verify_checksums)
         factor_set.info.update(source)  # source_repo, source_revision (the resolved commit sha)
         return factor_set

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,6 +56,8 @@ def _isolate_huggingface_hub(mp: pytest.MonkeyPatch, url: str, home: Path) -> No
     for name, value in patches.items():
         mp.setattr(constants, name, value)
     mp.setattr(_cache_manager, "HF_HUB_CACHE", hub_cache)  # copied by name at import
+    # Likewise (the package re-exports a class under the module's name): as HF_HUB_DISABLE_PROGRESS_BARS=1 below.
+    mp.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", True)
     # Module-level helpers such as `huggingface_hub.file_exists` (used by PEFT) are bound to an HfApi made at import.
     from huggingface_hub import hf_api
 
@@ -91,7 +94,8 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNames
 
     * ``url``: the endpoint (``http://127.0.0.1:PORT``), also in ``HF_ENDPOINT`` / ``constants.ENDPOINT``.
     * ``store``: the server state (:class:`tests.hub_server.HubStore`): ``store.repo(id).history("main")``,
-      ``store.requests`` (list of ``(method, path)``).
+      ``store.requests`` (list of ``(method, path)``), ``store.inject(kind, method, path_regex, times=1, ...)``
+      to fail requests on purpose (:class:`tests.hub_server.Fault`; its ``hits`` count the failed requests).
     * ``api``: ``HfApi(endpoint=url, token="hf_test_token")``.
     * ``token``: ``"hf_test_token"`` (also in ``HF_TOKEN``; the server accepts any bearer token).
     * ``home`` / ``cache_dir``: the temp ``HF_HOME`` and its ``hub`` cache (``HF_HUB_CACHE``).

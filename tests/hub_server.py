@@ -14,6 +14,10 @@ Deliberate simplifications (compared with huggingface.co):
   without it get 401.  Private repos are 404 ``RepoNotFound`` without a token.
 * no YAML parsing (``cardData`` is never returned), no pagination, no ``lastCommit`` expansion.
 
+Faults on the wire: ``store.inject(kind, method, path_regex, times=1, ...)`` makes the next ``times`` matching
+requests fail (a 5xx/429 answer, a connection reset mid-answer, a truncated or altered body, a late answer);
+the returned :class:`Fault` counts the requests it failed (``fault.hits``).  See :class:`Fault`.
+
 Usage::
 
     server = serve()                 # daemon thread, random free port
@@ -29,6 +33,9 @@ import base64
 import hashlib
 import itertools
 import json
+import re
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -115,14 +122,75 @@ class Repo:
         return dict(self.resolve(rev).files)
 
 
+FAULT_KINDS = ("status", "drop", "truncate", "corrupt", "slow")
+
+
+@dataclass
+class Fault:
+    """A failure injected into the next ``times`` requests whose method is ``method`` and whose URL path (without
+    the query) fully matches the regex ``path``.
+
+    Kinds:
+
+    * ``"status"``: answer ``status`` (default 500) with a Hub-style JSON error, plus ``Retry-After: retry_after``
+      when set; the request is *not* processed.
+    * ``"drop"``: the request is processed (a commit lands), the headers announce the whole body, half of it is
+      sent, then the connection is reset (TCP RST): the client never gets the complete answer.
+    * ``"truncate"``: the request is processed and a complete-looking answer is sent whose body is the first half
+      of the real one, with a matching ``Content-Length``.
+    * ``"corrupt"``: the request is processed; the body keeps its length but one byte in the middle is changed.
+    * ``"slow"``: the answer is held back ``delay`` seconds (set it past the client's timeout), then sent in full.
+
+    ``hits`` counts the requests this fault has failed so far.
+    """
+
+    kind: str
+    method: str
+    path: str
+    times: int = 1
+    status: int = 500
+    retry_after: int | None = None
+    delay: float = 2.0
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"Unknown fault kind {self.kind!r}; use one of {FAULT_KINDS}.")
+        self._pattern = re.compile(self.path)
+
+    def matches(self, method: str, path: str) -> bool:
+        """Whether this fault still has failures left for a ``method`` request to ``path``."""
+        return self.hits < self.times and method == self.method and self._pattern.fullmatch(path) is not None
+
+
 class HubStore:
     """All server state; safe to inspect from tests (mutations happen under ``lock``)."""
 
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path without query), in arrival order
+        self.faults: list[Fault] = []
         self.lock = threading.RLock()
         self._counter = itertools.count()
+
+    def inject(self, kind: str, method: str, path: str, *, times: int = 1, **options: Any) -> Fault:
+        """Fail the next ``times`` ``method`` requests to URL paths matching the regex ``path`` (see :class:`Fault`).
+
+        Example: ``store.inject("status", "POST", r"/api/models/tester/x/commit/main", status=429, retry_after=1)``.
+        """
+        fault = Fault(kind, method, path, times=times, **options)
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        """The first injected fault that applies to this request, with its ``hits`` counted; None if none does."""
+        with self.lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.hits += 1
+                    return fault
+        return None
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         """Return an existing repo (KeyError if missing)."""
@@ -218,9 +286,18 @@ class HubHandler(BaseHTTPRequestHandler):
         store.requests.append((method, split.path))
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         self.body = self._read_body()
+        if self.body is None:  # the client hung up mid-upload: never act on a partial request
+            self.close_connection = True
+            return
+        fault = store.take_fault(method, split.path)
         # Split the *raw* path first: revisions and tree paths arrive with "/" quoted as %2F.
         segs = [unquote(s) for s in split.path.split("/")[1:]]
         try:
+            if fault is not None and fault.kind == "status":
+                retry = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+                raise HubError(fault.status, f"Injected fault: HTTP {fault.status}", headers=retry)
+            if fault is not None and fault.kind == "slow":
+                time.sleep(fault.delay)
             with store.lock:
                 status, payload, headers = self._route(method, segs)
         except HubError as err:
@@ -229,32 +306,67 @@ class HubHandler(BaseHTTPRequestHandler):
             headers["X-Error-Message"] = err.message
         except Exception as err:  # a bug or a malformed request: answer 500 instead of dropping the socket
             status, payload, headers = 500, {"error": f"{type(err).__name__}: {err}"}, {}
-        self._send(method, status, payload, headers)
+        try:
+            self._send(method, status, payload, headers, fault)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. timed out on a slow answer)
+            self.close_connection = True
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            self.rfile.readline()  # trailer terminator
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    def _read_body(self) -> bytes | None:
+        """The request body, or None when the connection ended before all of it arrived."""
+        try:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    chunk = self.rfile.read(size)
+                    if len(chunk) < size:
+                        return None
+                    chunks.append(chunk)
+                    self.rfile.readline()
+                self.rfile.readline()  # trailer terminator
+                return b"".join(chunks)
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+        except (ConnectionError, ValueError):
+            return None
+        return body if len(body) == length else None
 
-    def _send(self, method: str, status: int, payload: Any, headers: dict[str, str]) -> None:
+    def _send(self, method: str, status: int, payload: Any, headers: dict[str, str], fault: Fault | None) -> None:
         if isinstance(payload, bytes):
             body = payload
         else:
             body = json.dumps(payload).encode()
             headers.setdefault("Content-Type", "application/json; charset=utf-8")
+        kind = fault.kind if fault is not None else None
+        if kind == "truncate":
+            body = body[: len(body) // 2]
+            headers.pop("Content-Length", None)
+            if "Content-Range" in headers:  # a range answer shrinks with its body
+                start = int(headers["Content-Range"].split()[1].split("-")[0])
+                total = headers["Content-Range"].rsplit("/", 1)[1]
+                headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{total}"
+        elif kind == "corrupt" and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0x01]) + body[middle + 1 :]
+        if kind == "drop" and method == "HEAD":  # nothing to cut short: reset before the answer
+            self._reset_connection()
+            return
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
         if "Content-Length" not in headers:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if method != "HEAD":
+        if kind == "drop":
+            self.wfile.write(body[: len(body) // 2])
+            self._reset_connection()
+        elif method != "HEAD":
             self.wfile.write(body)
+
+    def _reset_connection(self) -> None:
+        """Close the socket with SO_LINGER 0: the peer gets a TCP reset (ECONNRESET), not an orderly end."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
 
     def _json(self) -> Any:
         return json.loads(self.body or b"{}")
