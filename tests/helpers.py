@@ -1,5 +1,5 @@
-"""Helpers shared by test modules: a few plain training steps, logits, and reloading exports in a process that
-never imports inilora_hf."""
+"""Helpers shared by test modules: a few plain training steps, logits, fp32 rounding bounds, and reloading exports
+in a process that never imports inilora_hf."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,6 +47,51 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits without gradients."""
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
+
+
+FP32_UNIT_ROUNDOFF = 2.0**-24  # u: round-to-nearest fp32 gives |fl(x) − x| ≤ u·|x|
+
+
+def fp32_gamma(n: int) -> float:
+    """Higham's γ_n = n·u / (1 − n·u): the relative error bound of n chained fp32 roundings, e.g. of a length-n dot
+    product against Σ|x_i·y_i|."""
+    return n * FP32_UNIT_ROUNDOFF / (1 - n * FP32_UNIT_ROUNDOFF)
+
+
+def llama_forward_roundings(config: Any, seq_len: int, lora_rank: int = 0) -> int:
+    """fp32 roundings along the longest dependency chain of one Llama forward pass to a logit.
+
+    Per decoder layer: two RMSNorms (a sum over `hidden_size`, then 4 elementwise steps), the q/k/v and gate/up
+    contractions over `hidden_size`, the scores over `head_dim`, softmax and attention·V over the sequence, o_proj
+    over heads·`head_dim`, down over `intermediate_size`; a LoRA branch adds `r + 2` to each projection
+    (x·Aᵀ, then ·Bᵀ, then the sum); 12 elementwise steps (RoPE, score scale, exp, max, SiLU, gate product, the two
+    residual adds). Then the final RMSNorm and lm_head over `hidden_size`.
+    """
+    hidden, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    branch = lora_rank + 2 if lora_rank else 0
+    norm = hidden + 4
+    per_layer = (
+        2 * norm + (hidden + branch) + (head_dim + 1) + 2 * seq_len + (config.num_attention_heads * head_dim + branch)
+        + (hidden + branch) + (config.intermediate_size + branch) + 12
+    )
+    return config.num_hidden_layers * per_layer + norm + hidden
+
+
+def fp32_logits_tolerance(reference: Any, input_ids: torch.Tensor, lora_rank: int = 0) -> float:
+    """The largest |Δlogits| two fp32 forwards of the same math may show when they order their operations differently
+    (a merged weight vs base + LoRA branch, another BLAS blocking): 2·γ_n·max_j Σ_i |h_i|·|W_ji|, with `n` from
+    `llama_forward_roundings`, `h` the reference's final normalised hidden state and `W` its lm_head. That sum is the
+    scale of Higham's dot-product bound for the logits; earlier rounding reaches them as a relative error of `h`
+    (RMSNorm is scale-invariant), so it is counted in `n` at the same scale; 2: each forward may be off by that much.
+
+    Example:
+        >>> tolerance = fp32_logits_tolerance(plain_fp32_model, input_ids, lora_rank=8)   # doctest: +SKIP
+    """
+    with torch.no_grad():
+        hidden = reference.base_model(input_ids=input_ids).last_hidden_state.float()
+        scale = (hidden.abs() @ reference.get_output_embeddings().weight.float().abs().T).max().item()
+    roundings = llama_forward_roundings(reference.config, input_ids.shape[-1], lora_rank)
+    return 2 * fp32_gamma(roundings) * scale
 
 
 def reload_exports_without_inilora(

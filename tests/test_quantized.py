@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
+import bitsandbytes as bnb
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -9,6 +13,9 @@ from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, inilora_init
 from inilora_hf.demo import build_demo_base, demo_dataset
+from tests.helpers import fp32_logits_tolerance, logits_of
+
+logger = logging.getLogger(__name__)
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 CONFIGS = {"nf4": lambda: BitsAndBytesConfig(**NF4), "int8": lambda: BitsAndBytesConfig(load_in_8bit=True)}
@@ -81,11 +88,30 @@ def test_mismatched_quantization_settings_are_refused(base_dir, tmp_path) -> Non
     assert all(r.quantized_init_error is not None and r.quantized_init_error < r.qlora_error for r in rows)
 
 
+def fp32_reference(trained, base_dir) -> torch.nn.Module:
+    """A plain fp32 copy of the base model holding, built here with bitsandbytes' own dequantization, the weights the
+    trained model stands for: deq(Q(R)) + s·B·A (fp32, from the trained factors) for every LoRA layer and deq(Q(W))
+    for every other quantized layer."""
+    reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in trained.get_base_model().named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                lora_A, lora_B = module.lora_A["default"].weight.float(), module.lora_B["default"].weight.float()
+                weight = dequantized(module.base_layer) + module.scaling["default"] * (lora_B @ lora_A)
+            elif isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and not name.endswith(".base_layer"):
+                weight = dequantized(module)
+            else:
+                continue
+            reference.get_submodule(name).weight.copy_(weight)
+    return reference.eval()
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_sft_steps_save_and_merged_conversion(base_dir, tmp_path, kind) -> None:
+def test_sft_steps_save_and_merged_conversion(base_dir, tmp_path, kind, record_property) -> None:
     from inilora_hf.convert import to_merged
 
-    init = inilora_init(base_dir, variant="inilora", steps=200, quantization_config=CONFIGS[kind]())
+    rank = 8
+    init = inilora_init(base_dir, variant="inilora", rank=rank, steps=200, quantization_config=CONFIGS[kind]())
     trainer = SFTTrainer(
         model_init=init,
         args=SFTConfig(
@@ -103,15 +129,23 @@ def test_sft_steps_save_and_merged_conversion(base_dir, tmp_path, kind) -> None:
     trainer.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
+    # Built before any eval forward: bitsandbytes may repack a 4-bit weight for its CPU kernel on the first one.
+    reference = fp32_reference(trainer.model, base_dir)
+
     merged_dir = to_merged(trainer.model, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     assert getattr(merged.config, "quantization_config", None) is None
     ids = torch.randint(4, 20, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = logits_of(reference, ids)
+    # The merged checkpoint is deq(Q(R)) + s·B·A in fp32, the reference's math: only fp32 rounding may differ (the
+    # r-term product in each merged weight is counted like a LoRA branch).
+    assert (logits_of(merged, ids) - expected).abs().max().item() <= fp32_logits_tolerance(reference, ids, rank)
+    # The trained model itself runs its LoRA branch in bf16 (as QLoRA/TRL do) through bitsandbytes' CPU kernels (int8
+    # layers also quantize their activations): its distance from that math depends on those kernels, so it is
+    # measured and recorded (junit `property`, and an INFO log), not bounded.
     trainer.model.eval()
-    with torch.no_grad():
-        expected = trainer.model(input_ids=ids).logits.float()
-        actual = merged(input_ids=ids).logits
-    # The trained model runs its LoRA branch in bf16 (as QLoRA/TRL do), and int8 layers also quantize their
-    # activations (a plain int8 k_proj alone differs from its dense version by 3.3e-3); the merged checkpoint
-    # computes deq(Q(R)) + s·B·A in fp32. Measured max |Δlogits|: 1.2e-3 (nf4), 4.0e-3 (int8); logits are O(1).
-    assert (expected - actual).abs().max().item() < (2e-3 if kind == "nf4" else 2e-2)
+    gap = (logits_of(trainer.model, ids) - expected).abs().max().item()
+    record_property(f"quantized_forward_vs_fp32_max_abs_dlogits[{kind}]", gap)
+    logger.info("%s: trained (bf16 LoRA, bitsandbytes kernels) vs fp32 deq(Q(R)) + s·B·A: max |Δlogits| = %.3g",
+                kind, gap)
+    assert math.isfinite(gap)
