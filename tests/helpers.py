@@ -4,11 +4,13 @@ in a process that never imports inilora_hf."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 RELOAD_SCRIPT = r"""
@@ -56,6 +58,57 @@ def fp32_gamma(n: int) -> float:
     """Higham's γ_n = n·u / (1 − n·u): the relative error bound of n chained fp32 roundings, e.g. of a length-n dot
     product against Σ|x_i·y_i|."""
     return n * FP32_UNIT_ROUNDOFF / (1 - n * FP32_UNIT_ROUNDOFF)
+
+
+def svd_backward_error(singular_values: np.ndarray, shape: tuple[int, ...]) -> float:
+    """The spectral-norm backward error of an fp32 SVD of an `(m, n)` matrix: γ_max(m,n)·σ_1 (LAPACK's SVD is backward
+    stable); by Weyl it also bounds how far each computed singular value, and ‖UᵀU − I‖·σ_1, can be off."""
+    return fp32_gamma(max(shape[-2:])) * float(np.max(singular_values))
+
+
+def truncated_svd_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], rank: int, *, smallest: bool = False) -> float:
+    """Max |Δ| between an fp32 rank-`rank` truncated SVD product (top or, with `smallest`, bottom triplets) and the
+    exact one: E·(1 + 2σ/(δ − E)), with E the backward error, δ the gap between the kept and the dropped singular
+    values and σ the largest kept one (Wedin: the kept singular subspaces turn by at most E/(δ − E)).
+
+    Example:
+        >>> round(truncated_svd_tolerance(np.array([3.0, 2.0, 1.0]), (3, 3), 1) / FP32_UNIT_ROUNDOFF)  # E ≈ 9u, δ = 1
+        63
+    """
+    values = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
+    kept, dropped = (values[-rank:], values[:-rank]) if smallest else (values[:rank], values[rank:])
+    error = svd_backward_error(values, shape)
+    if dropped.size == 0:
+        return error
+    gap = dropped.min() - kept.max() if smallest else kept.min() - dropped.max()
+    assert gap > error, f"singular value gap {gap:.3g} is within fp32 rounding ({error:.3g}): the subspace is undefined"
+    return error * (1 + 2 * kept.max() / (gap - error))
+
+
+def adam_drift_bound(
+    steps: int, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), step_size: int = 5000, gamma: float = 0.9,
+    accumulation: int,
+) -> float:
+    """How far (per parameter, absolute) two fp32 runs of the same full-batch Adam + StepLR fit may drift apart when
+    their gradients differ only by rounding, each within γ_accumulation of the exact one (no cancellation assumed).
+
+    Adam's step is lr_t·m̂/√v̂, and by Cauchy–Schwarz |m̂_t|/√v̂_t ≤ K = max_t (1−β1)/(1−β1^t)·√(Σ_{k<t}(β1²/β2)^k)
+    ·√((1−β2^t)/(1−β2)) (7.3 for the defaults; the same holds with |g|), so a relative gradient error ε moves a step
+    by at most lr_t·2Kε/(1−ε). Summed over the lr schedule, for each of the two runs against the exact one; first
+    order: the drift's own feedback through the loss curvature is neglected.
+
+    Example:
+        >>> adam_drift_bound(300, 5e-4, step_size=100, accumulation=55) < 1e-5
+        True
+    """
+    beta1, beta2 = betas
+    ratio, partial, worst = beta1**2 / beta2, 0.0, 0.0
+    for t in range(1, steps + 1):
+        partial += ratio ** (t - 1)
+        worst = max(worst, (1 - beta1) / (1 - beta1**t) * math.sqrt(partial * (1 - beta2**t) / (1 - beta2)))
+    eps = fp32_gamma(accumulation)
+    total_lr = sum(lr * gamma ** ((i + 1) // step_size) for i in range(steps))  # StepLR stepped before each step
+    return 2 * total_lr * 2 * worst * eps / (1 - eps)
 
 
 def llama_forward_roundings(config: Any, seq_len: int, lora_rank: int = 0) -> int:
