@@ -82,7 +82,48 @@ def truncated_svd_tolerance(singular_values: np.ndarray, shape: tuple[int, ...],
         return error
     gap = dropped.min() - kept.max() if smallest else kept.min() - dropped.max()
     assert gap > error, f"singular value gap {gap:.3g} is within fp32 rounding ({error:.3g}): the subspace is undefined"
-    return error * (1 + 2 * kept.max() / (gap - error))
+    return float(error * (1 + 2 * kept.max() / (gap - error)))
+
+
+def svd_factor_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], rank: int, *, smallest: bool = False) -> float:
+    """Max |Δ| between the balanced factors `B = U_r·√S_r`, `A = √S_r·V_rᵀ` of two fp32 SVDs of the same matrix.
+
+    Each is the exact SVD of a matrix within E of it, so of matrices 2E apart: a kept singular vector turns by at
+    most 2E/(δ_j − 2E) (Wedin; δ_j is its singular value's distance to the others, 0 included for a non-square
+    matrix), which moves its entries by at most √2 times that, and √σ_j moves by at most E/√σ_j.
+
+    Example:
+        >>> svd_factor_tolerance(np.array([3.0, 2.0, 1.0]), (3, 3), 1) < 1e-5
+        True
+    """
+    values = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
+    error = svd_backward_error(values, shape)
+    spectrum = np.append(values, 0.0) if shape[-2] != shape[-1] else values
+    kept = range(len(values) - rank, len(values)) if smallest else range(rank)
+    worst = 0.0
+    for j in kept:
+        gap = np.min(np.abs(np.delete(spectrum, j) - values[j]))
+        assert gap > 2 * error, f"singular value gap {gap:.3g} is within fp32 rounding ({error:.3g}): vectors are undefined"
+        sigma = values[j]
+        worst = max(worst, math.sqrt(2 * sigma) * 2 * error / (gap - 2 * error) + error / math.sqrt(sigma))
+    return float(worst)
+
+
+def factor_mse_rounding(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Per matrix of a `(L, m, n)` stack, how far `inilora_hf.fit.factor_mse` may be off in fp32: ‖W‖² sums m·n
+    squares, ⟨BᵀW, A⟩ and ⟨BᵀB, AAᵀ⟩ sum m and n products, with |⟨|B|ᵀ|W|, |A|⟩| ≤ ‖W‖_F·‖|B|·|A|‖_F and
+    ⟨|B|ᵀ|B|, |A|·|A|ᵀ⟩ = ‖|B|·|A|‖_F²; plus the rounding of the fp32 result.
+
+    Example:
+        >>> W, B, A = torch.ones(1, 4, 4), torch.ones(1, 4, 1), torch.ones(1, 1, 4)
+        >>> round(float(factor_mse_rounding(W, B, A)[0]) / FP32_UNIT_ROUNDOFF)
+        36
+    """
+    m, n = W.shape[-2:]
+    w = W.double().norm(dim=(1, 2))
+    p = (B.double().abs() @ A.double().abs()).norm(dim=(1, 2))
+    terms = fp32_gamma(m * n) * w**2 + 2 * fp32_gamma(m) * w * p + (fp32_gamma(m) + fp32_gamma(n)) * p**2
+    return (terms + fp32_gamma(1) * (w + p) ** 2) / (m * n)
 
 
 def adam_drift_bound(

@@ -10,7 +10,13 @@ import torch
 
 from benchmarks.reference import reference_fit
 from inilora_hf.fit import adam_fit, factor_mse, optimal_mse, randomized_svd_factors, svd_factors
-from tests.helpers import adam_drift_bound, fp32_gamma, svd_backward_error, truncated_svd_tolerance
+from tests.helpers import (
+    adam_drift_bound,
+    factor_mse_rounding,
+    fp32_gamma,
+    svd_backward_error,
+    truncated_svd_tolerance,
+)
 
 
 def _problem(shape: tuple[int, int, int], rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,17 +87,6 @@ def _numpy_truncated(W: torch.Tensor, rank: int, smallest: bool = False) -> np.n
     return np.einsum("lik,lk,lkj->lij", U[:, :, keep], S[:, keep], Vh[:, keep, :])
 
 
-def _mse_rounding(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Per matrix, how far factor_mse's fp32 terms may be off: ‖W‖² sums m·n squares, ⟨BᵀW, A⟩ and ⟨BᵀB, AAᵀ⟩ sum m
-    and n products, with |⟨|B|ᵀ|W|, |A|⟩| ≤ ‖W‖_F·‖|B|·|A|‖_F and ⟨|B|ᵀ|B|, |A|·|A|ᵀ⟩ = ‖|B|·|A|‖_F²; plus the
-    rounding of the fp32 result."""
-    m, n = W.shape[-2:]
-    w = W.double().norm(dim=(1, 2))
-    p = (B.double().abs() @ A.double().abs()).norm(dim=(1, 2))
-    terms = fp32_gamma(m * n) * w**2 + 2 * fp32_gamma(m) * w * p + (fp32_gamma(m) + fp32_gamma(n)) * p**2
-    return (terms + fp32_gamma(1) * (w + p) ** 2) / (m * n)
-
-
 @pytest.mark.parametrize("smallest", [False, True])
 def test_svd_factors_reconstruct_truncated_svd_balanced(smallest: bool) -> None:
     W, _, _ = _problem((3, 40, 24), rank=1)
@@ -113,7 +108,7 @@ def test_factor_mse_matches_direct_mse() -> None:
     W, B, A = _problem((3, 40, 24), rank=6)
     B, A = 3 * B, 3 * A  # make BA comparable to W so all three trace terms matter
     direct = ((B.double() @ A.double() - W.double()) ** 2).mean((1, 2))
-    assert ((factor_mse(W, B, A).double() - direct).abs() <= _mse_rounding(W, B, A)).all()
+    assert ((factor_mse(W, B, A).double() - direct).abs() <= factor_mse_rounding(W, B, A)).all()
 
 
 def test_optimal_mse_is_mse_of_truncated_svd() -> None:
@@ -129,7 +124,7 @@ def test_optimal_mse_is_mse_of_truncated_svd() -> None:
     # ‖W − W̃_r‖² − ‖W − W_r‖² ≤ 2‖W − W_r‖_F·‖Δ‖_F + ‖Δ‖_F², ‖Δ‖_F ≤ √(mn)·(the truncated-SVD bound); then rounding.
     delta = torch.tensor([math.sqrt(m * n) * truncated_svd_tolerance(S[l], W.shape, 7) for l in range(3)])
     reconstruction = (2 * (expected * m * n).sqrt() * delta + delta**2) / (m * n)
-    assert ((factor_mse(W, B, A).double() - expected).abs() <= reconstruction + _mse_rounding(W, B, A)).all()
+    assert ((factor_mse(W, B, A).double() - expected).abs() <= reconstruction + factor_mse_rounding(W, B, A)).all()
 
 
 def test_randomized_svd_factors_reach_the_optimum() -> None:
