@@ -85,8 +85,8 @@ def truncated_svd_tolerance(singular_values: np.ndarray, shape: tuple[int, ...],
     return float(error * (1 + 2 * kept.max() / (gap - error)))
 
 
-def svd_factor_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], rank: int, *, smallest: bool = False) -> float:
-    """Max |Δ| between the balanced factors `B = U_r·√S_r`, `A = √S_r·V_rᵀ` of two fp32 SVDs of the same matrix.
+def svd_factor_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], rank: int) -> float:
+    """Max |Δ| between the balanced top-`rank` factors `B = U_r·√S_r`, `A = √S_r·V_rᵀ` of two fp32 SVDs of one matrix.
 
     Each is the exact SVD of a matrix within E of it, so of matrices 2E apart: a kept singular vector turns by at
     most 2E/(δ_j − 2E) (Wedin; δ_j is its singular value's distance to the others, 0 included for a non-square
@@ -99,9 +99,8 @@ def svd_factor_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], ra
     values = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
     error = svd_backward_error(values, shape)
     spectrum = np.append(values, 0.0) if shape[-2] != shape[-1] else values
-    kept = range(len(values) - rank, len(values)) if smallest else range(rank)
     worst = 0.0
-    for j in kept:
+    for j in range(rank):
         gap = np.min(np.abs(np.delete(spectrum, j) - values[j]))
         assert gap > 2 * error, f"singular value gap {gap:.3g} is within fp32 rounding ({error:.3g}): vectors are undefined"
         sigma = values[j]
