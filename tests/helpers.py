@@ -1,13 +1,16 @@
-"""Helpers shared by test modules: a few plain training steps, logits, and reloading exports in a process that
-never imports inilora_hf."""
+"""Helpers shared by test modules: a few plain training steps, logits, fp32 rounding bounds, and reloading exports
+in a process that never imports inilora_hf."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 RELOAD_SCRIPT = r"""
@@ -49,6 +52,142 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits without gradients."""
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
+
+
+FP32_UNIT_ROUNDOFF = 2.0**-24  # u: round-to-nearest fp32 gives |fl(x) − x| ≤ u·|x|
+
+
+def fp32_gamma(n: int) -> float:
+    """Higham's γ_n = n·u / (1 − n·u): the relative error bound of n chained fp32 roundings, e.g. of a length-n dot
+    product against Σ|x_i·y_i|."""
+    return n * FP32_UNIT_ROUNDOFF / (1 - n * FP32_UNIT_ROUNDOFF)
+
+
+def svd_backward_error(singular_values: np.ndarray, shape: tuple[int, ...]) -> float:
+    """The spectral-norm backward error of an fp32 SVD of an `(m, n)` matrix: γ_max(m,n)·σ_1 (LAPACK's SVD is backward
+    stable); by Weyl it also bounds how far each computed singular value, and ‖UᵀU − I‖·σ_1, can be off."""
+    return fp32_gamma(max(shape[-2:])) * float(np.max(singular_values))
+
+
+def truncated_svd_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], rank: int, *, smallest: bool = False) -> float:
+    """Max |Δ| between an fp32 rank-`rank` truncated SVD product (top or, with `smallest`, bottom triplets) and the
+    exact one: E·(1 + 2σ/(δ − E)), with E the backward error, δ the gap between the kept and the dropped singular
+    values and σ the largest kept one (Wedin: the kept singular subspaces turn by at most E/(δ − E)).
+
+    Example:
+        >>> round(truncated_svd_tolerance(np.array([3.0, 2.0, 1.0]), (3, 3), 1) / FP32_UNIT_ROUNDOFF)  # E ≈ 9u, δ = 1
+        63
+    """
+    values = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
+    kept, dropped = (values[-rank:], values[:-rank]) if smallest else (values[:rank], values[rank:])
+    error = svd_backward_error(values, shape)
+    if dropped.size == 0:
+        return error
+    gap = dropped.min() - kept.max() if smallest else kept.min() - dropped.max()
+    assert gap > error, f"singular value gap {gap:.3g} is within fp32 rounding ({error:.3g}): the subspace is undefined"
+    return float(error * (1 + 2 * kept.max() / (gap - error)))
+
+
+def svd_factor_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], rank: int) -> float:
+    """Max |Δ| between the balanced top-`rank` factors `B = U_r·√S_r`, `A = √S_r·V_rᵀ` of two fp32 SVDs of one matrix.
+
+    Each is the exact SVD of a matrix within E of it, so of matrices 2E apart: a kept singular vector turns by at
+    most 2E/(δ_j − 2E) (Wedin; δ_j is its singular value's distance to the others, 0 included for a non-square
+    matrix), which moves its entries by at most √2 times that, and √σ_j moves by at most E/√σ_j.
+
+    Example:
+        >>> svd_factor_tolerance(np.array([3.0, 2.0, 1.0]), (3, 3), 1) < 1e-5
+        True
+    """
+    values = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
+    error = svd_backward_error(values, shape)
+    spectrum = np.append(values, 0.0) if shape[-2] != shape[-1] else values
+    worst = 0.0
+    for j in range(rank):
+        gap = np.min(np.abs(np.delete(spectrum, j) - values[j]))
+        assert gap > 2 * error, f"singular value gap {gap:.3g} is within fp32 rounding ({error:.3g}): vectors are undefined"
+        sigma = values[j]
+        worst = max(worst, math.sqrt(2 * sigma) * 2 * error / (gap - 2 * error) + error / math.sqrt(sigma))
+    return float(worst)
+
+
+def factor_mse_rounding(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Per matrix of a `(L, m, n)` stack, how far `inilora_hf.fit.factor_mse` may be off in fp32: ‖W‖² sums m·n
+    squares, ⟨BᵀW, A⟩ and ⟨BᵀB, AAᵀ⟩ sum m and n products, with |⟨|B|ᵀ|W|, |A|⟩| ≤ ‖W‖_F·‖|B|·|A|‖_F and
+    ⟨|B|ᵀ|B|, |A|·|A|ᵀ⟩ = ‖|B|·|A|‖_F²; plus the rounding of the fp32 result.
+
+    Example:
+        >>> W, B, A = torch.ones(1, 4, 4), torch.ones(1, 4, 1), torch.ones(1, 1, 4)
+        >>> round(float(factor_mse_rounding(W, B, A)[0]) / FP32_UNIT_ROUNDOFF)
+        36
+    """
+    m, n = W.shape[-2:]
+    w = W.double().norm(dim=(1, 2))
+    p = (B.double().abs() @ A.double().abs()).norm(dim=(1, 2))
+    terms = fp32_gamma(m * n) * w**2 + 2 * fp32_gamma(m) * w * p + (fp32_gamma(m) + fp32_gamma(n)) * p**2
+    return (terms + fp32_gamma(1) * (w + p) ** 2) / (m * n)
+
+
+def adam_drift_bound(
+    steps: int, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), step_size: int = 5000, gamma: float = 0.9,
+    accumulation: int,
+) -> float:
+    """How far (per parameter, absolute) two fp32 runs of the same full-batch Adam + StepLR fit may drift apart when
+    their gradients differ only by rounding, each within γ_accumulation of the exact one (no cancellation assumed).
+
+    Adam's step is lr_t·m̂/√v̂, and by Cauchy–Schwarz |m̂_t|/√v̂_t ≤ K = max_t (1−β1)/(1−β1^t)·√(Σ_{k<t}(β1²/β2)^k)
+    ·√((1−β2^t)/(1−β2)) (7.3 for the defaults; the same holds with |g|), so a relative gradient error ε moves a step
+    by at most lr_t·2Kε/(1−ε). Summed over the lr schedule, for each of the two runs against the exact one; first
+    order: the drift's own feedback through the loss curvature is neglected.
+
+    Example:
+        >>> adam_drift_bound(300, 5e-4, step_size=100, accumulation=55) < 1e-5
+        True
+    """
+    beta1, beta2 = betas
+    ratio, partial, worst = beta1**2 / beta2, 0.0, 0.0
+    for t in range(1, steps + 1):
+        partial += ratio ** (t - 1)
+        worst = max(worst, (1 - beta1) / (1 - beta1**t) * math.sqrt(partial * (1 - beta2**t) / (1 - beta2)))
+    eps = fp32_gamma(accumulation)
+    total_lr = sum(lr * gamma ** ((i + 1) // step_size) for i in range(steps))  # StepLR stepped before each step
+    return 2 * total_lr * 2 * worst * eps / (1 - eps)
+
+
+def llama_forward_roundings(config: Any, seq_len: int, lora_rank: int = 0) -> int:
+    """fp32 roundings along the longest dependency chain of one Llama forward pass to a logit.
+
+    Per decoder layer: two RMSNorms (a sum over `hidden_size`, then 4 elementwise steps), the q/k/v and gate/up
+    contractions over `hidden_size`, the scores over `head_dim`, softmax and attention·V over the sequence, o_proj
+    over heads·`head_dim`, down over `intermediate_size`; a LoRA branch adds `r + 2` to each projection
+    (x·Aᵀ, then ·Bᵀ, then the sum); 12 elementwise steps (RoPE, score scale, exp, max, SiLU, gate product, the two
+    residual adds). Then the final RMSNorm and lm_head over `hidden_size`.
+    """
+    hidden, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    branch = lora_rank + 2 if lora_rank else 0
+    norm = hidden + 4
+    per_layer = (
+        2 * norm + (hidden + branch) + (head_dim + 1) + 2 * seq_len + (config.num_attention_heads * head_dim + branch)
+        + (hidden + branch) + (config.intermediate_size + branch) + 12
+    )
+    return config.num_hidden_layers * per_layer + norm + hidden
+
+
+def fp32_logits_tolerance(reference: Any, input_ids: torch.Tensor, lora_rank: int = 0) -> float:
+    """The largest |Δlogits| two fp32 forwards of the same math may show when they order their operations differently
+    (a merged weight vs base + LoRA branch, another BLAS blocking): 2·γ_n·max_j Σ_i |h_i|·|W_ji|, with `n` from
+    `llama_forward_roundings`, `h` the reference's final normalised hidden state and `W` its lm_head. That sum is the
+    scale of Higham's dot-product bound for the logits; earlier rounding reaches them as a relative error of `h`
+    (RMSNorm is scale-invariant), so it is counted in `n` at the same scale; 2: each forward may be off by that much.
+
+    Example:
+        >>> tolerance = fp32_logits_tolerance(plain_fp32_model, input_ids, lora_rank=8)   # doctest: +SKIP
+    """
+    with torch.no_grad():
+        hidden = reference.base_model(input_ids=input_ids).last_hidden_state.float()
+        scale = (hidden.abs() @ reference.get_output_embeddings().weight.float().abs().T).max().item()
+    roundings = llama_forward_roundings(reference.config, input_ids.shape[-1], lora_rank)
+    return 2 * fp32_gamma(roundings) * scale
 
 
 def reload_exports_without_inilora(

@@ -69,8 +69,10 @@ def test_plugin_variant_goes_through_the_whole_pipeline(hub, tiny_base_dir: Path
     assert all(torch.equal(pulled.factors[n].lora_B, f.lora_B) for n, f in computed.factors.items())
 
     model = inilora_init(tiny_base_dir, factors=REPO)()
-    base_logits = logits_of(AutoModelForCausalLM.from_pretrained(tiny_base_dir))
-    assert (logits_of(model) - base_logits).abs().max() <= 1e-5  # residual: the init leaves the model unchanged
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    base_logits = logits_of(base)
+    # Residual: the init leaves the model unchanged, up to fp32 rounding of R + s·B·A against W0.
+    assert (logits_of(model) - base_logits).abs().max() <= helpers.fp32_logits_tolerance(base, INPUT_IDS, RANK)
 
     helpers.train_a_few_steps(model, steps=1)
     trained = logits_of(model)

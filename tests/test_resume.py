@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerControl, TrainerS
 from inilora_hf import FactorSet, FactorSetMismatchError, inilora_init
 from inilora_hf.checkpoint import INIT_FACTORS_DIR, INIT_METADATA_NAME, load_trained
 from inilora_hf.trainer_callbacks import ExportCallback, InitReportCallback, run_dir
-from tests.test_convert import logits_of, make_tiny_base
+from tests.helpers import fp32_logits_tolerance
+from tests.test_convert import INPUT_IDS, logits_of, make_tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
-TOLERANCE = 1e-5
 
 
 def make_trainer(base_dir: Path, cache_dir: Path, output_dir: Path, callbacks: list) -> Trainer:
@@ -98,6 +98,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {
         "root": root, "base": base_dir, "first": first, "second": root / "second", "trainer": trainer,
         "logits": torch.load(first / "logits.pt"), "new_process": json.loads(process.stdout.strip().splitlines()[-1]),
+        # Merged weights or a rebuilt R reorder the fp32 arithmetic: the derived fp32 bound for these logits.
+        "tolerance": fp32_logits_tolerance(trainer.model.get_base_model(), INPUT_IDS, 4),
         "subprocess_seconds": time.perf_counter() - started,
     }
 
@@ -115,7 +117,7 @@ def test_resume_in_new_process_matches_straight_run(run: dict) -> None:
 
 @pytest.mark.parametrize("key", ["load_trained/checkpoint-4", "load_trained/final", "to_merged(checkpoint)", "export/merged"])
 def test_files_alone_give_trained_logits_in_new_process(run: dict, key: str) -> None:
-    assert run["new_process"][key] <= TOLERANCE
+    assert run["new_process"][key] <= run["tolerance"]
 
 
 @pytest.mark.parametrize("folder", ["checkpoint-2", "checkpoint-4", "final"])
@@ -196,7 +198,7 @@ def test_load_trained_without_metadata_asks_for_factors(run: dict, tmp_path: Pat
         load_trained(bare)
     assert INIT_METADATA_NAME in str(error.value)
     model = load_trained(bare, factors=run["first"] / "checkpoint-4" / INIT_FACTORS_DIR)
-    assert (logits_of(model) - run["logits"]).abs().max() <= TOLERANCE
+    assert (logits_of(model) - run["logits"]).abs().max() <= run["tolerance"]
     with pytest.raises(ValueError, match="to_lora"):  # a converted standard adapter is not a residual checkpoint
         load_trained(run["first"] / "export" / "lora", factors=run["trainer"].model_init.factor_set)
 
@@ -207,7 +209,7 @@ def test_load_trained_refuses_a_different_base(run: dict, tmp_path: Path) -> Non
         load_trained(run["first"] / "checkpoint-4", base_model=str(other))
     loaded = AutoModelForCausalLM.from_pretrained(run["base"])
     model = load_trained(run["first"] / "checkpoint-4", base_model=loaded)
-    assert (logits_of(model) - run["logits"]).abs().max() <= TOLERANCE
+    assert (logits_of(model) - run["logits"]).abs().max() <= run["tolerance"]
     assert not any(p.requires_grad for p in model.parameters())
 
 

@@ -11,6 +11,7 @@ import torch
 from inilora_hf import InitConfig, get_variant, inilora_init
 from inilora_hf.variants import VariantInputs
 from tests.conftest import tiny_llama
+from tests.helpers import adam_drift_bound, fp32_gamma, truncated_svd_tolerance
 
 RESIDUAL_VARIANTS = ["inilora", "inilora-alpha", "inilora-beta", "pissa", "milora"]
 FAST = {"inilora": {"steps": 200}}
@@ -40,16 +41,20 @@ def test_residual_variants_keep_base_outputs_in_fp32(variant: str) -> None:
 def test_bf16_deviation_is_reported_and_matches_independent_computation() -> None:
     base = tiny_llama().to(torch.bfloat16)
     model = inilora_init(base, variant="inilora-alpha")()
-    worst = 0.0
+    worst, fp32_noise = 0.0, 0.0
     for name, module in model.get_base_model().named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
             w0 = base.get_submodule(name).weight.float()
             residual = module.base_layer.weight.float()
-            delta = module.scaling["default"] * (module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float())
+            lora_B, lora_A = module.lora_B["default"].weight.float(), module.lora_A["default"].weight.float()
+            delta = module.scaling["default"] * (lora_B @ lora_A)
             worst = max(worst, (residual + delta - w0).abs().max().item())
+            # Both sides add in fp32: an r-term product and two sums, each within γ_(r+2) of its magnitude.
+            magnitude = residual.abs() + module.scaling["default"] * (lora_B.abs() @ lora_A.abs()) + w0.abs()
+            fp32_noise = max(fp32_noise, 2 * fp32_gamma(lora_A.shape[0] + 2) * magnitude.max().item())
     report = model.init_report
     assert report.modules[0].storage_dtype == "bfloat16"
-    assert report.max_reconstruction_error == pytest.approx(worst, rel=1e-6)
+    assert report.max_reconstruction_error == pytest.approx(worst, rel=0, abs=fp32_noise)
     # bf16 rounding of R ≈ −s·B·A (|entries| ~ 1) is far above fp32 noise: the report must show it.
     assert report.max_reconstruction_error > 1e-3
 
@@ -113,9 +118,11 @@ def test_inilora_batched_fit_equals_one_matrix_at_a_time() -> None:
     spec = get_variant("inilora")
     batched = spec.compute(VariantInputs(weights=weights, config=config))
     single = spec.compute(VariantInputs(weights=weights, config=config, max_group_bytes=1))  # one matrix per group
+    # The same operations per matrix: only a BLAS that blocks a batch differently may round differently.
+    drift = adam_drift_bound(300, 5e-4, step_size=100, accumulation=64 + 4 + 3)
     for name in weights:
-        torch.testing.assert_close(batched[name].lora_A, single[name].lora_A, rtol=0, atol=1e-6)
-        torch.testing.assert_close(batched[name].lora_B, single[name].lora_B, rtol=0, atol=1e-6)
+        torch.testing.assert_close(batched[name].lora_A, single[name].lora_A, rtol=0, atol=drift)
+        torch.testing.assert_close(batched[name].lora_B, single[name].lora_B, rtol=0, atol=drift)
 
 
 def test_inilora_fits_scaled_product_when_alpha_differs_from_rank() -> None:
@@ -126,7 +133,7 @@ def test_inilora_fits_scaled_product_when_alpha_differs_from_rank() -> None:
     best = (u[:, :4] * s[:4]) @ vh[:4]
     scaled = config.scaling * (factors.lora_B.double() @ factors.lora_A.double()).numpy()
     assert config.scaling == 4.0
-    np.testing.assert_allclose(scaled, best, atol=1e-6)
+    np.testing.assert_allclose(scaled, best, rtol=0, atol=truncated_svd_tolerance(s, (48, 40), 4))
 
 
 def test_inilora_fast_solvers_reach_the_optimum() -> None:
@@ -189,7 +196,8 @@ def test_pissa_and_milora_match_independent_svd() -> None:
     for variant, keep in (("pissa", slice(0, 4)), ("milora", slice(28, 32))):
         factors = run_variant(variant, weights, rank=4)["layer.q_proj"]
         product = (factors.lora_B.double() @ factors.lora_A.double()).numpy()
-        np.testing.assert_allclose(product, (u[:, keep] * s[keep]) @ vh[keep], atol=1e-5)
+        tolerance = truncated_svd_tolerance(s, matrix.shape, 4, smallest=variant == "milora")
+        np.testing.assert_allclose(product, (u[:, keep] * s[keep]) @ vh[keep], rtol=0, atol=tolerance)
 
 
 def test_seed_makes_random_variants_reproducible() -> None:
