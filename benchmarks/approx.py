@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.reference import reference_fit
-from inilora_hf.fit import adam_fit, optimal_mse, randomized_svd_factors, svd_factors
+from inilora_hf.linalg.fit import adam_fit, optimal_mse, randomized_svd_factors, svd_factors
 
 RANK = 8
 FULL_STEPS = 20000

@@ -14,7 +14,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from inilora_hf import inilora_init
-from inilora_hf.demo import build_demo_base
+from inilora_hf.cli.demo import build_demo_base
 
 
 def main() -> None:

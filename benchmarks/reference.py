@@ -2,7 +2,7 @@
 
 Per iteration: ``zero_grad → loss = ((B @ A - W) ** 2).mean() → backward → scheduler.step() →
 optimizer.step()`` with ``torch.optim.Adam`` and ``StepLR``, and ``loss.item()`` every step as in
-their script. This is the yardstick for :func:`inilora_hf.fit.adam_fit`.
+their script. This is the yardstick for :func:`inilora_hf.linalg.fit.adam_fit`.
 """
 
 from __future__ import annotations

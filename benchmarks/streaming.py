@@ -8,7 +8,7 @@ size (``VmHWM``):
 
 * ``runtime only``: imports torch / transformers / inilora_hf and builds the meta-device module tree (what
   every run pays before touching a weight);
-* ``streamed``: `inilora_hf.streaming.compute_streamed` with each ``--max-memory`` value and without a bound;
+* ``streamed``: `inilora_hf.factorsets.streaming.compute_streamed` with each ``--max-memory`` value and without a bound;
 * ``in memory``: `inilora_init(..., use_cache=False).prepare()` + `save_pretrained`, i.e. load the model, then
   compute: with ``dtype=torch.float32`` (what the `compute` command did before streaming), and in the stored
   dtype (transformers maps the safetensors files without copying, so only the pages it touches are resident).
@@ -72,7 +72,7 @@ def child(mode: str, checkpoint: str, out: str, variant: str, rank: int, options
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from inilora_hf import InitConfig, inilora_init
-    from inilora_hf.streaming import compute_streamed
+    from inilora_hf.factorsets.streaming import compute_streamed
 
     config = InitConfig(variant, rank=rank, options=options)
     if mode == "runtime":

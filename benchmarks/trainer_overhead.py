@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from inilora_hf import inilora_init
-from inilora_hf.fingerprint_memo import MEMO_DIR
+from inilora_hf.factorsets.fingerprint_memo import MEMO_DIR
 
 LORA = dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 

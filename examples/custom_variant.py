@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from inilora_hf import FactorSet, ModuleFactors, VariantInputs, convert, inilora_init, register_variant
-from inilora_hf.demo import build_demo_base
+from inilora_hf.cli.demo import build_demo_base
 
 
 # ---- the variant: target weights in, initial factors out (no PEFT, no files) ---------------------------------

@@ -7,10 +7,15 @@ Example:
     >>> print(model.init_report.summary())                                     # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+from inilora_hf._version import __version__
+from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.publish import download_factor_set, push_factor_set
+from inilora_hf.factorsets.report import InitReport
+from inilora_hf.training.checkpoint import load_trained
+from inilora_hf.training.model_init import InitFunction, inilora_init
+from inilora_hf.training.sft import SFTTrainer
+from inilora_hf.variants.config import InitConfig
 
-from .checkpoint import load_trained
-from .config import InitConfig
 from .errors import (
     BaseModelNotFoundError,
     FactorSetCorruptError,
@@ -22,13 +27,18 @@ from .errors import (
     HubAuthenticationError,
     TargetModuleError,
 )
-from .factors import FactorSet
-from .hub import download_factor_set, push_factor_set
-from .model_init import InitFunction, inilora_init
-from .report import InitReport
-from .trainer_callbacks import ExportCallback, InitReportCallback, PushStandardCheckpointCallback
-from .trl import SFTTrainer
-from .variants import ModuleFactors, VariantInputs, available_variants, get_variant, register_variant
+from .trainer_callbacks import (
+    ExportCallback,
+    InitReportCallback,
+    PushStandardCheckpointCallback,
+)
+from .variants import (
+    ModuleFactors,
+    VariantInputs,
+    available_variants,
+    get_variant,
+    register_variant,
+)
 
 __all__ = [
     "BaseModelNotFoundError",

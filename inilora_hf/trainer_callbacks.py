@@ -20,12 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .convert import to_lora, to_merged
+from inilora_hf.convert.export import to_lora, to_merged
+from inilora_hf.factorsets.report import InitReport
+
 from .log import get_logger
-from .report import InitReport
 
 logger = get_logger(__name__)
 

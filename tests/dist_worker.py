@@ -20,7 +20,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import Trainer, TrainingArguments
 
 from inilora_hf import inilora_init
-from inilora_hf.fingerprint import tensor_sha256
+from inilora_hf.factorsets.fingerprint import tensor_sha256
 
 VOCAB_SIZE = 128
 

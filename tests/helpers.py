@@ -112,7 +112,7 @@ def svd_factor_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], ra
 
 
 def factor_mse_rounding(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Per matrix of a `(L, m, n)` stack, how far `inilora_hf.fit.factor_mse` may be off in fp32: ‖W‖² sums m·n
+    """Per matrix of a `(L, m, n)` stack, how far `inilora_hf.linalg.fit.factor_mse` may be off in fp32: ‖W‖² sums m·n
     squares, ⟨BᵀW, A⟩ and ⟨BᵀB, AAᵀ⟩ sum m and n products, with |⟨|B|ᵀ|W|, |A|⟩| ≤ ‖W‖_F·‖|B|·|A|‖_F and
     ⟨|B|ᵀ|B|, |A|·|A|ᵀ⟩ = ‖|B|·|A|‖_F²; plus the rounding of the fp32 result.
 

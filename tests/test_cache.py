@@ -1,4 +1,4 @@
-"""Tests for inilora_hf.cache: keys, atomic builds, locking across processes, corruption."""
+"""Tests for inilora_hf.factorsets.cache: keys, atomic builds, locking across processes, corruption."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from inilora_hf import cache
-from inilora_hf.cache import (
+from inilora_hf.factorsets import cache
+from inilora_hf.factorsets.cache import (
     MANIFEST_NAME,
     CacheEntryCorruptError,
     CacheLookup,
@@ -95,7 +95,7 @@ def test_validate_called_on_hit_and_failure_triggers_rebuild(tmp_path: Path, cap
     assert seen[-1] == entry and build.calls == 1
 
     (entry / "poison").write_text("")
-    with caplog.at_level(logging.WARNING, logger="inilora_hf.cache"):
+    with caplog.at_level(logging.WARNING, logger="inilora_hf.factorsets.cache"):
         res = get_or_build("kv", build, cache_dir=tmp_path, validate=validate)
     assert res.hit is False and build.calls == 2
     assert not (res.path / "poison").exists()
@@ -166,11 +166,11 @@ def test_corruption_is_detected_logged_and_rebuilt(tmp_path: Path, caplog, corru
     entry = get_or_build("kc", build, cache_dir=tmp_path).path
     corrupt(entry)
 
-    with caplog.at_level(logging.WARNING, logger="inilora_hf.cache"):
+    with caplog.at_level(logging.WARNING, logger="inilora_hf.factorsets.cache"):
         res = get_or_build("kc", build, cache_dir=tmp_path)
     assert res.hit is False
     assert build.calls == 2
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "inilora_hf.cache"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "inilora_hf.factorsets.cache"]
     assert len(warnings) == 1
     msg = warnings[0].getMessage()
     assert "'kc'" in msg and str(entry) in msg and expected in msg
@@ -339,7 +339,7 @@ _WORKER = textwrap.dedent(
     import json, os, sys, time
     from pathlib import Path
 
-    from inilora_hf import cache as mod
+    from inilora_hf.factorsets import cache as mod
 
     root, key, mode, sync = Path(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
 

@@ -20,14 +20,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from inilora_hf import FactorSet, InitConfig, TargetModuleError, inilora_init, streaming
-from inilora_hf.cache import exclusive_lock
-from inilora_hf.cli import main
+from inilora_hf import FactorSet, InitConfig, TargetModuleError, inilora_init
+from inilora_hf.factorsets import streaming
+from inilora_hf.factorsets.cache import exclusive_lock
+from inilora_hf.cli.app import main
 from inilora_hf.errors import OutputExistsError
-from inilora_hf.factors import METADATA_NAME
-from inilora_hf.fingerprint_memo import MEMO_DIR
-from inilora_hf.streaming import compute_streamed
-from inilora_hf.targets import find_target_linears
+from inilora_hf.factorsets.format import METADATA_NAME
+from inilora_hf.factorsets.fingerprint_memo import MEMO_DIR
+from inilora_hf.factorsets.streaming import compute_streamed
+from inilora_hf.factorsets.targets import find_target_linears
 from tests.conftest import tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ WAIT_S = 180
 STREAM_SCRIPT = """
 import sys
 from inilora_hf import InitConfig
-from inilora_hf.streaming import compute_streamed
+from inilora_hf.factorsets.streaming import compute_streamed
 base, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config = InitConfig("inilora", rank=4, target_modules=["q_proj", "v_proj"], options={"steps": steps})
 compute_streamed(base, config, out, max_memory=1, device="cpu")

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from inilora_hf.cli import main
-from inilora_hf.demo import build_demo_base
+from inilora_hf.cli.app import main
+from inilora_hf.cli.demo import build_demo_base
 
 
 def test_demo_runs_end_to_end_and_reports(tmp_path: Path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""`inilora_hf.convert`: trained models → merged checkpoints and standard LoRA adapters that plain libraries load.
+"""`inilora_hf.convert.export`: trained models → merged checkpoints and standard LoRA adapters that plain libraries load.
 
 Every built-in variant is trained for a few optimizer steps, exported both ways, and reloaded in ONE
 subprocess that never imports inilora_hf; its logits must equal the trained model's.

@@ -13,9 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from inilora_hf import fingerprint_memo, inilora_init, model_init
-from inilora_hf.checkpoint_files import cached_checkpoint_dir
-from inilora_hf.fingerprint_memo import MEMO_DIR, checkpoint_identity
+from inilora_hf import inilora_init
+from inilora_hf.factorsets import fingerprint_memo
+from inilora_hf.training import model_init
+from inilora_hf.factorsets.checkpoint_files import cached_checkpoint_dir
+from inilora_hf.factorsets.fingerprint_memo import MEMO_DIR, checkpoint_identity
 from tests.conftest import tiny_llama
 
 TARGETS = [f"model.layers.{layer}.self_attn.{proj}" for layer in range(2) for proj in ("q_proj", "v_proj")]

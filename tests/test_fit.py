@@ -1,4 +1,4 @@
-"""Tests for the IniLoRA fitting kernels in ``inilora_hf.fit``."""
+"""Tests for the IniLoRA fitting kernels in ``inilora_hf.linalg.fit``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.reference import reference_fit
-from inilora_hf.fit import adam_fit, factor_mse, optimal_mse, randomized_svd_factors, svd_factors
+from inilora_hf.linalg.fit import adam_fit, factor_mse, optimal_mse, randomized_svd_factors, svd_factors
 from tests.helpers import (
     adam_drift_bound,
     factor_mse_rounding,

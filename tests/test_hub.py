@@ -24,12 +24,9 @@ from inilora_hf.errors import (
     FactorSetNotFoundError,
     HubAuthenticationError,
 )
-from inilora_hf.hub import (
-    download_factor_set,
-    push_factor_set,
-    snapshot_commit,
-)
-from inilora_hf.model_card import MAX_TABLE_ROWS, factor_set_card
+from inilora_hf.factorsets.publish import download_factor_set, push_factor_set
+from inilora_hf.hub.transport import snapshot_commit
+from inilora_hf.factorsets.card import MAX_TABLE_ROWS, factor_set_card
 from tests.conftest import tiny_llama
 
 REPO = "tester/tiny-llama-inilora-r8"
@@ -383,7 +380,7 @@ def test_push_with_a_refused_token(hub, factor_set: FactorSet, monkeypatch: pyte
 
 
 def test_cli_push_and_pull(hub, factor_set: FactorSet, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from inilora_hf.cli import main
+    from inilora_hf.cli.app import main
 
     factor_set.save_pretrained(tmp_path / "fs")
     assert main(["push", str(tmp_path / "fs"), REPO, "--private", "--revision", "v1"]) == 0

@@ -20,11 +20,11 @@ from huggingface_hub import constants
 from safetensors.torch import load as load_safetensors
 
 from inilora_hf import FactorSet, ModuleFactors, inilora_init
-from inilora_hf import hub as inilora_hub
-from inilora_hf.cache import MANIFEST_NAME, verify_manifest
-from inilora_hf.cli import main
+from inilora_hf.hub import transport as inilora_hub
+from inilora_hf.factorsets.cache import MANIFEST_NAME, verify_manifest
+from inilora_hf.cli.app import main
 from inilora_hf.errors import FactorSetCorruptError, FactorSetHubError
-from inilora_hf.hub import download_factor_set, push_factor_set
+from inilora_hf.factorsets.publish import download_factor_set, push_factor_set
 
 REPO = "tester/tiny-llama-pissa-r8"
 BASE_ID = "tester/tiny-llama"  # created on the fake Hub, so that the card links it and pushes log no warning
@@ -33,7 +33,7 @@ FACTORS_GET = rf"/{REPO}/resolve/[0-9a-f]{{40}}/factors\.safetensors"
 METADATA_GET = rf"/{REPO}/resolve/[^/]+/inilora_factors\.json"
 HF_CLI = str(Path(sys.executable).with_name("hf"))
 CLIENT_TIMEOUT_S = 1  # HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT in these tests; a "slow" answer waits 2 s
-TRIES = 3  # inilora_hf.hub's tries in all for what huggingface_hub does not retry
+TRIES = 3  # inilora_hf.hub.transport.TRIES: tries in all for what huggingface_hub does not retry
 REPO_FILES = {
     ".gitattributes", "README.md", "factors.safetensors", "inilora_factors.json",
     "init_adapter/adapter_config.json", "init_adapter/adapter_model.safetensors",

@@ -15,14 +15,14 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from inilora_hf import SFTTrainer, convert, inilora_init, load_trained
-from inilora_hf.calibration import (
+from inilora_hf.training.calibration import (
     calibration_set,
     estimate_gradients,
     first_step_learning_rate,
     input_covariances,
     pad_collate,
 )
-from inilora_hf.loraxs import count_core_parameters
+from inilora_hf.adapters.loraxs import count_core_parameters
 from tests import helpers
 
 RANK, ALPHA, ETA = 4, 8, 1e-3  # scaling s = 2
@@ -186,7 +186,7 @@ def test_only_cores_train_and_exports_reproduce_the_trained_model(tiny_base_dir:
 
 @pytest.fixture(scope="module")
 def demo_base(tmp_path_factory):
-    from inilora_hf.demo import build_demo_base
+    from inilora_hf.cli.demo import build_demo_base
 
     return build_demo_base(tmp_path_factory.mktemp("demo-base"))
 
@@ -195,7 +195,7 @@ def test_sft_trainer_uses_its_train_dataset_and_derives_eta(tmp_path: Path, demo
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
-    from inilora_hf.demo import demo_dataset
+    from inilora_hf.cli.demo import demo_dataset
 
     args = SFTConfig(
         output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, inilora_init
-from inilora_hf.demo import build_demo_base, demo_dataset
-from inilora_hf.factors import RESIDUAL_KEY
+from inilora_hf.cli.demo import build_demo_base, demo_dataset
+from inilora_hf.factorsets.format import RESIDUAL_KEY
 from tests.helpers import fp32_gamma, fp32_logits_tolerance, logits_of
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def fp32_reference(trained, base_dir) -> torch.nn.Module:
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_sft_steps_save_and_merged_conversion(base_dir, tmp_path, kind, record_property) -> None:
-    from inilora_hf.convert import to_merged
+    from inilora_hf.convert.export import to_merged
 
     rank = 8
     init = inilora_init(base_dir, variant="inilora", rank=rank, steps=200, quantization_config=CONFIGS[kind]())

@@ -13,9 +13,9 @@ import torch
 from peft import PeftModel
 
 from inilora_hf import FactorSet, InitConfig, TargetModuleError, inilora_init
-from inilora_hf.compute import run_variant
+from inilora_hf.factorsets.compute import run_variant
 from inilora_hf.errors import FactorSetMismatchError
-from inilora_hf.streaming import compute_streamed, parse_memory
+from inilora_hf.factorsets.streaming import compute_streamed, parse_memory
 from inilora_hf.variants import registry
 from tests.conftest import tiny_llama
 from tests.helpers import (
@@ -172,7 +172,7 @@ def test_existing_output_dir(sharded_base: Path, tmp_path: Path) -> None:
 
 def _count_groups(monkeypatch: pytest.MonkeyPatch, *, interrupt_at: int | None = None) -> list[list[str]]:
     """Record the modules of every group the variant runs on; raise KeyboardInterrupt at group `interrupt_at`."""
-    import inilora_hf.streaming as streaming
+    import inilora_hf.factorsets.streaming as streaming
 
     computed: list[list[str]] = []
 
@@ -317,8 +317,8 @@ def test_data_driven_variant_and_bad_memory_are_refused(sharded_base: Path, tmp_
 
 
 def test_cli_compute_streams_with_max_memory(sharded_base: Path, tmp_path: Path, monkeypatch) -> None:
-    import inilora_hf.streaming as streaming
-    from inilora_hf.cli import main
+    import inilora_hf.factorsets.streaming as streaming
+    from inilora_hf.cli.app import main
 
     calls = []
     real = streaming.compute_streamed

@@ -10,7 +10,7 @@ from transformers.trainer_utils import number_of_arguments
 from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, inilora_init
-from inilora_hf.demo import char_tokenizer, demo_dataset
+from inilora_hf.cli.demo import char_tokenizer, demo_dataset
 from tests.conftest import tiny_llama
 
 
@@ -73,7 +73,7 @@ def sft_args(tmp_path, **overrides) -> SFTConfig:
 
 @pytest.fixture(scope="module")
 def demo_base(tmp_path_factory):
-    from inilora_hf.demo import build_demo_base
+    from inilora_hf.cli.demo import build_demo_base
 
     return build_demo_base(tmp_path_factory.mktemp("demo-base"))
 

@@ -66,7 +66,7 @@ def test_blockwise_residual_and_report_match_a_whole_matrix_computation(
 ) -> None:
     """R and the report are computed a few rows at a time; 5-row blocks (a partial last one) give the same R
     (up to one rounding) and exactly the errors of a whole-matrix numpy computation."""
-    from inilora_hf import apply
+    from inilora_hf.adapters import apply
 
     monkeypatch.setattr(apply, "BLOCK_ELEMENTS", 5 * 64)
     base = tiny_llama().to(dtype)

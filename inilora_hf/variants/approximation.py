@@ -17,8 +17,9 @@ from contextlib import contextmanager
 import torch
 from transformers.utils.logging import tqdm
 
-from ..fit import adam_fit, randomized_svd_factors
-from ..grouping import shape_groups, stack
+from inilora_hf.linalg.fit import adam_fit, randomized_svd_factors
+from inilora_hf.linalg.grouping import shape_groups, stack
+
 from ..log import get_logger
 from .citations import INILORA
 from .random import draw_factors

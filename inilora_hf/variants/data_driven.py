@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from ..grouping import shape_groups, stack
+from inilora_hf.linalg.grouping import shape_groups, stack
+
 from .citations import LORA_SB
 from .registry import ModuleFactors, VariantInputs, register_variant, require
 

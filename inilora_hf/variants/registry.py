@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from ..config import InitConfig
+    from inilora_hf.variants.config import InitConfig
 
 
 @dataclass

@@ -3,8 +3,9 @@ between B and A; the base weight becomes the residual W0 − s·B·A. Both are t
 
 from __future__ import annotations
 
-from ..fit import svd_factors
-from ..grouping import shape_groups, stack
+from inilora_hf.linalg.fit import svd_factors
+from inilora_hf.linalg.grouping import shape_groups, stack
+
 from .citations import MILORA, PISSA
 from .registry import ModuleFactors, VariantInputs, register_variant
 

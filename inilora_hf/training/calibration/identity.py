@@ -11,9 +11,10 @@ import dataclasses
 
 from torch import nn
 
-from ..config import InitConfig
-from ..log import get_logger
-from ..variants import get_variant
+from inilora_hf.log import get_logger
+from inilora_hf.variants import get_variant
+from inilora_hf.variants.config import InitConfig
+
 from .data import CALIBRATION_OPTION, CalibrationSet, CalibrationSource, calibration_set
 
 logger = get_logger(__name__)

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .fit import factor_mse, optimal_mse
-from .grouping import shape_groups, stack
-from .config import InitConfig
-from .variants import ModuleFactors, get_variant
+from inilora_hf.linalg.fit import factor_mse, optimal_mse
+from inilora_hf.linalg.grouping import shape_groups, stack
+from inilora_hf.variants import ModuleFactors, get_variant
+from inilora_hf.variants.config import InitConfig
 
 
 def fit_statistics(

@@ -37,15 +37,16 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig, PeftModel
 from torch import nn
 
-from .apply import wrap_with_factors
-from .checkpoint_files import load_pretrained, model_reference
-from .compute import model_fingerprints
-from .errors import BaseModelNotFoundError, FactorSetFormatError
-from .factors import FactorSet, library_versions
-from .log import get_logger
-from .model_card import is_hub_id
-from .tasks import task_classes
-from .variants import get_variant
+from inilora_hf.adapters.apply import wrap_with_factors
+from inilora_hf.adapters.tasks import task_classes
+from inilora_hf.errors import BaseModelNotFoundError, FactorSetFormatError
+from inilora_hf.factorsets.checkpoint_files import load_pretrained, model_reference
+from inilora_hf.factorsets.compute import model_fingerprints
+from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.format import library_versions
+from inilora_hf.hub.transport import is_hub_id
+from inilora_hf.log import get_logger
+from inilora_hf.variants import get_variant
 
 logger = get_logger(__name__)
 
@@ -443,7 +444,7 @@ def _resolve_factor_set(directory: Path, metadata: dict[str, Any], factors: Any)
 def _factor_set_with_residual(directory: Path, metadata: dict[str, Any]) -> FactorSet:
     """The run's full factor set (with the stored residual of a quantized base, which checkpoints do not copy):
     from its recorded Hub repo and commit, else from the default local cache."""
-    from .cache import entry_path
+    from inilora_hf.factorsets.cache import entry_path
 
     candidates: list[tuple[str, dict[str, Any]]] = []
     if metadata.get("factor_repo"):

@@ -26,8 +26,8 @@ from huggingface_hub.errors import (
 )
 from safetensors import safe_open
 
-from .errors import BaseModelNotFoundError
-from .hub import snapshot_commit
+from inilora_hf.errors import BaseModelNotFoundError
+from inilora_hf.hub.transport import snapshot_commit
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

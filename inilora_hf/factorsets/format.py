@@ -1,4 +1,4 @@
-"""`FactorSet`: the initial LoRA factors of every target module, plus what they were computed from.
+"""The factor-set format: tensors and metadata of `FactorSetData` (the local half of `FactorSet`), safetensors I/O.
 
 On disk a factor set is a directory of plain safetensors (`factors.safetensors`, or shards with
 `factors.safetensors.index.json`) and one JSON file (`inilora_factors.json`) with the `InitConfig`, the base
@@ -8,38 +8,42 @@ model's identity and per-module fingerprint, fit statistics, per-file checksums 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import huggingface_hub
+import peft
 import torch
-from huggingface_hub import CommitInfo, save_torch_state_dict
+import transformers
+from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import InitConfig
-from .errors import FactorSetCorruptError, FactorSetFormatError, FactorSetMismatchError
+from inilora_hf._version import __version__
+from inilora_hf.errors import (
+    FactorSetCorruptError,
+    FactorSetFormatError,
+    FactorSetMismatchError,
+)
+from inilora_hf.hub.transport import file_sha256
+from inilora_hf.variants import ModuleFactors
+from inilora_hf.variants.config import InitConfig
+
 from .fingerprint import fingerprint_difference, model_key
-from .variants import ModuleFactors
 
 METADATA_NAME = "inilora_factors.json"
 WEIGHTS_PATTERN = "factors{suffix}.safetensors"
 FORMAT_VERSION = 1
 RESIDUAL_KEY = "residual"
+_FactorSetT = TypeVar("_FactorSetT", bound="FactorSetData")
 
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that produced a file, recorded for provenance."""
-    import huggingface_hub
-    import peft
-    import transformers
-
-    from . import __version__
-
     return {
         "inilora_hf": __version__,
         "torch": torch.__version__,
@@ -50,15 +54,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor owning its storage (slices of a batched fit share one; safetensors refuses that)."""
     tensor = tensor.detach().to("cpu").contiguous()
@@ -66,7 +61,7 @@ def _standalone(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class FactorSet:
+class FactorSetData:
     """Initial A/B factors (and optionally the residual) for every target module of one base model.
 
     Attributes:
@@ -198,76 +193,7 @@ class FactorSet:
         return directory
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        endpoint: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        verify_checksums: bool = True,
-    ) -> FactorSet:
-        """Load a factor set from a local directory or a Hub repo (downloaded with `snapshot_download`).
-
-        Every file is checked against the checksum recorded at save time; a missing, truncated or altered
-        file raises `FactorSetCorruptError` naming it. From the Hub, a file that arrives damaged is removed from
-        the HF cache and downloaded again (see `inilora_hf.hub.download_factor_set`). `verify_checksums=False`
-        skips the hashing (only for a directory whose files were just verified otherwise, e.g. a cache entry
-        checked against its manifest).
-
-        Example:
-            >>> fs = FactorSet.from_pretrained("org/llama-3-8b-inilora-r8", revision="main")   # doctest: +SKIP
-        """
-        path = Path(name_or_path)
-        source: dict[str, str] = {}
-        if not path.is_dir():
-            from .hub import download_factor_set, hub_source
-
-            path = download_factor_set(
-                str(name_or_path),
-                revision=revision,
-                token=token,
-                endpoint=endpoint,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-            )
-            source = hub_source(str(name_or_path), path)
-            verify_checksums = False  # download_factor_set has just checked every file (and re-fetched bad ones)
-        factor_set = cls._load_directory(path, verify_checksums=verify_checksums)
-        factor_set.info.update(source)  # source_repo, source_revision (the resolved commit sha)
-        return factor_set
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        token: str | bool | None = None,
-        create_pr: bool = False,
-        endpoint: str | None = None,
-        include_residual: bool = False,
-        license: str | None = None,
-    ) -> CommitInfo:
-        """Upload to a Hub repo in one commit: factors, metadata, a model card and `init_adapter/` (a plain PEFT
-        adapter of the initial A/B). See `inilora_hf.hub.push_factor_set` for the options.
-
-        Example:
-            >>> info = fs.push_to_hub("my-org/llama-3.2-1b-inilora-r8", private=True)   # doctest: +SKIP
-            >>> FactorSet.from_pretrained("my-org/llama-3.2-1b-inilora-r8", revision=info.oid)  # doctest: +SKIP
-        """
-        from .hub import push_factor_set
-
-        return push_factor_set(
-            self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
-            create_pr=create_pr, endpoint=endpoint, include_residual=include_residual, license=license,
-        )
-
-    @classmethod
-    def _load_directory(cls, path: Path, *, verify_checksums: bool = True) -> FactorSet:
+    def _load_directory(cls: type[_FactorSetT], path: Path, *, verify_checksums: bool = True) -> _FactorSetT:
         document = read_metadata(path)
         tensors: dict[str, torch.Tensor] = {}
         for name, digest in sorted(document["files"].items()):

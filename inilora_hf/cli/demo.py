@@ -11,10 +11,16 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from .model_init import inilora_init
-from .report import InitReport
+from inilora_hf.factorsets.report import InitReport
+from inilora_hf.training.model_init import inilora_init
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
@@ -93,8 +99,8 @@ def run_demo(
     from transformers import PrinterCallback
     from trl import SFTConfig
 
-    from .convert import to_lora, to_merged
-    from .trl import SFTTrainer
+    from inilora_hf.convert.export import to_lora, to_merged
+    from inilora_hf.training.sft import SFTTrainer
 
     output_dir = Path(output_dir)
     seconds: dict[str, float] = {}

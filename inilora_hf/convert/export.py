@@ -40,14 +40,24 @@ from peft.utils.integrations import get_bnb_param_type
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-from .checkpoint import CARD_NAME, load_trained, model_dtype, trained_base
-from .factors import FactorSet
-from .log import get_logger
-from .loraxs import fold_cores, folded_lora_B, initial_lora_B, is_loraxs
-from .model_card import is_hub_id
-from .targets import read_weight
-from .tasks import task_classes
-from .variants import get_variant
+from inilora_hf.adapters.loraxs import (
+    fold_cores,
+    folded_lora_B,
+    initial_lora_B,
+    is_loraxs,
+)
+from inilora_hf.adapters.tasks import task_classes
+from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.targets import read_weight
+from inilora_hf.hub.transport import is_hub_id
+from inilora_hf.log import get_logger
+from inilora_hf.training.checkpoint import (
+    CARD_NAME,
+    load_trained,
+    model_dtype,
+    trained_base,
+)
+from inilora_hf.variants import get_variant
 
 logger = get_logger(__name__)
 

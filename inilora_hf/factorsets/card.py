@@ -4,37 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 from collections import defaultdict
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .variants import get_variant
+from inilora_hf.hub.transport import is_hub_id
+from inilora_hf.variants import get_variant
 
-if TYPE_CHECKING:
-    from .factors import FactorSet
+from .format import FactorSetData
 
 MAX_TABLE_ROWS = 48
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-
-
-def is_hub_id(name: str | None) -> bool:
-    """Whether `name` looks like a Hub repo id (`org/name`) rather than a local path.
-
-    Example:
-        >>> is_hub_id("meta-llama/Llama-3.2-1B"), is_hub_id("./base"), is_hub_id("/tmp/x/base"), is_hub_id(None)
-        (True, False, False, False)
-    """
-    if not name or not _HUB_ID.match(name) or "--" in name or ".." in name or name.endswith(".git"):
-        return False
-    return not os.path.exists(name)
 
 
 def factor_set_card(
-    factor_set: FactorSet, repo_id: str, *, license: str | None = None, link_base_model: bool = True
+    factor_set: FactorSetData, repo_id: str, *, license: str | None = None, link_base_model: bool = True
 ) -> ModelCard:
     """The model card of a factor-set repo.
 
@@ -89,7 +73,7 @@ def factor_set_card(
     return ModelCard(content)
 
 
-def _base_label(factor_set: FactorSet, base: str | None) -> str:
+def _base_label(factor_set: FactorSetData, base: str | None) -> str:
     if base:
         return f"[{base}](https://huggingface.co/{base})"
     if is_hub_id(factor_set.base_model):
@@ -99,7 +83,7 @@ def _base_label(factor_set: FactorSet, base: str | None) -> str:
     return "an unnamed base model"
 
 
-def _intro(factor_set: FactorSet, repo_id: str, base: str | None) -> str:
+def _intro(factor_set: FactorSetData, repo_id: str, base: str | None) -> str:
     config = factor_set.config
     spec = get_variant(config.variant)
     revision = f" (revision `{factor_set.base_revision}`)" if factor_set.base_revision else ""
@@ -135,7 +119,7 @@ initialisation is computed once and reused across runs. {spec.description}
 {adapter_row}"""
 
 
-def _usage(factor_set: FactorSet, repo_id: str) -> str:
+def _usage(factor_set: FactorSetData, repo_id: str) -> str:
     config = factor_set.config
     spec = get_variant(config.variant)
     hub_base = is_hub_id(factor_set.base_model)
@@ -214,7 +198,7 @@ def _plain_usage(code: str | None) -> str:
     return f"Without inilora_hf, with plain `transformers` + `peft`:\n\n```python{code}```\n"
 
 
-def _configuration(factor_set: FactorSet) -> str:
+def _configuration(factor_set: FactorSetData) -> str:
     config = factor_set.config
     return f"""
 ## Configuration
@@ -234,7 +218,7 @@ def _number(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def _statistics(factor_set: FactorSet) -> str:
+def _statistics(factor_set: FactorSetData) -> str:
     stats = factor_set.stats
     if not stats:
         return ""
@@ -275,7 +259,7 @@ def _statistics(factor_set: FactorSet) -> str:
     return "\n".join(lines)
 
 
-def _provenance(factor_set: FactorSet) -> str:
+def _provenance(factor_set: FactorSetData) -> str:
     info = factor_set.info
     lines = ["## How it was computed", ""]
     if "compute_device" in info or "compute_seconds" in info:

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import InitConfig
-from .factors import RESIDUAL_KEY
-from .fit import svd_factors
-from .variants import ModuleFactors
+from inilora_hf.factorsets.format import RESIDUAL_KEY
+from inilora_hf.linalg.fit import svd_factors
+from inilora_hf.variants import ModuleFactors
+from inilora_hf.variants.config import InitConfig
 
 QUANT_KEYS_4BIT = ("quant_type", "blocksize", "compress_statistics", "quant_storage")
 
@@ -139,7 +139,7 @@ def quantization_ready(
     Refinement (`refine_steps = N`): N times, quantize `R`, then refit B, A to `(W0 − deq(Q(R))) / s` with the
     rank-r SVD, so that `deq(Q(R)) + s·B·A` moves closer to `W0` than one-shot requantization.
     """
-    from .variants import get_variant
+    from inilora_hf.variants import get_variant
 
     settings = config.quantization
     residual_variant = get_variant(config.variant).residual

@@ -14,20 +14,28 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .apply import wrap_with_factors
-from .cache import get_or_build
+from inilora_hf.adapters.apply import wrap_with_factors
+from inilora_hf.adapters.quantized import layer_settings, quantization_ready
+from inilora_hf.factorsets.cache import get_or_build
+from inilora_hf.factorsets.checkpoint_files import (
+    check_model_location,
+    load_pretrained,
+    model_reference,
+)
+from inilora_hf.factorsets.compute import compute_factor_set, default_device
+from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.fingerprint import model_key, weight_fingerprint
+from inilora_hf.factorsets.fingerprint_memo import (
+    checkpoint_identity,
+    target_fingerprints,
+)
+from inilora_hf.factorsets.targets import check_rank, find_target_linears, read_weight
+from inilora_hf.log import get_logger
+from inilora_hf.variants import get_variant
+from inilora_hf.variants.config import InitConfig, normalize_targets
+
 from .calibration import CalibrationSource, calibrate, estimate_gradients
 from .checkpoint import attach_init_metadata
-from .checkpoint_files import check_model_location, load_pretrained, model_reference
-from .compute import compute_factor_set, default_device
-from .config import InitConfig, normalize_targets
-from .factors import FactorSet
-from .fingerprint import model_key, weight_fingerprint
-from .fingerprint_memo import checkpoint_identity, target_fingerprints
-from .log import get_logger
-from .quantized import layer_settings, quantization_ready
-from .targets import check_rank, find_target_linears, read_weight
-from .variants import get_variant
 
 logger = get_logger(__name__)
 

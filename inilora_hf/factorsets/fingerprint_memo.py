@@ -26,10 +26,11 @@ import torch
 import transformers
 from torch import nn
 
+from inilora_hf.log import get_logger
+
 from .cache import default_cache_dir
 from .checkpoint_files import cached_checkpoint_dir, checkpoint_files
 from .fingerprint import tensor_sha256, weight_fingerprint
-from .log import get_logger
 
 logger = get_logger(__name__)
 

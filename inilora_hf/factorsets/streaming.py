@@ -32,20 +32,22 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 from transformers.utils.logging import tqdm
 
+from inilora_hf.errors import FactorSetError, OutputExistsError
+from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.format import METADATA_NAME
+from inilora_hf.linalg.grouping import shape_groups
+from inilora_hf.log import get_logger
+from inilora_hf.training.model_init import cache_key
+from inilora_hf.variants import ModuleFactors, get_variant
+from inilora_hf.variants.approximation import mean_by_type
+from inilora_hf.variants.config import InitConfig
+
 from .cache import exclusive_lock, resumable_dir
 from .checkpoint_files import checkpoint_files, resolve_checkpoint
 from .compute import default_device, provenance, run_variant
-from .config import InitConfig
-from .errors import FactorSetError, OutputExistsError
-from .factors import METADATA_NAME, FactorSet
 from .fingerprint import model_key, weight_fingerprint
-from .grouping import shape_groups
-from .log import get_logger
-from .model_init import cache_key
 from .report import fit_statistics
 from .targets import check_rank, find_target_linears
-from .variants import ModuleFactors, get_variant
-from .variants.approximation import mean_by_type
 
 logger = get_logger(__name__)
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
-from .checkpoint_files import model_reference
-from .factors import RESIDUAL_KEY, FactorSet
-from .log import get_logger
+from inilora_hf.factorsets.checkpoint_files import model_reference
+from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.format import RESIDUAL_KEY
+from inilora_hf.factorsets.lora_config import lora_config_for
+from inilora_hf.factorsets.report import InitReport, ModuleReport
+from inilora_hf.factorsets.targets import read_weight
+from inilora_hf.log import get_logger
+from inilora_hf.variants import get_variant
+
 from .loraxs import CORE_KEY, attach_core, count_core_parameters
 from .quantized import bnb_bits, fidelity, store_quantized
-from .report import InitReport, ModuleReport
-from .targets import read_weight
-from .variants import get_variant
 
 logger = get_logger(__name__)
 
@@ -27,23 +30,6 @@ QUANTIZED_WARN_RATIO = 2.0
 # Config switches that trainers flip for training (`Trainer.__init__` sets `use_cache = args.use_cache`, False by
 # default); exports restore the base model's values, recorded by `wrap_with_factors` before any trainer ran.
 TRAINING_SWITCHES = ("use_cache",)
-
-
-def lora_config_for(factor_set: FactorSet, **lora_kwargs) -> LoraConfig:
-    """The `LoraConfig` matching a factor set (rank, alpha, rsLoRA, the exact target modules).
-
-    The factors are written afterwards, so PEFT's own init is left at its default (`init_lora_weights=True`),
-    which is also what a saved adapter must declare: reloading never re-runs a weight-mutating init.
-    """
-    config = factor_set.config
-    return LoraConfig(
-        r=config.rank,
-        lora_alpha=config.lora_alpha,
-        use_rslora=config.use_rslora,
-        target_modules=sorted(factor_set.factors),
-        init_lora_weights=True,
-        **lora_kwargs,
-    )
 
 
 def wrap_with_factors(

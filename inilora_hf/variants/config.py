@@ -67,7 +67,7 @@ class InitConfig:
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        from .variants import get_variant  # the registry imports this module
+        from inilora_hf.variants import get_variant  # the registry imports this module
 
         spec = get_variant(self.variant)
         self.variant = spec.name

@@ -9,13 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import InitConfig
-from .factors import FactorSet, library_versions, now_iso
+from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.format import library_versions, now_iso
+from inilora_hf.log import get_logger
+from inilora_hf.variants import ModuleFactors, VariantInputs, get_variant
+from inilora_hf.variants.config import InitConfig
+
 from .fingerprint import weight_fingerprint
-from .log import get_logger
 from .report import fit_statistics
 from .targets import find_target_linears
-from .variants import ModuleFactors, VariantInputs, get_variant
 
 logger = get_logger(__name__)
 

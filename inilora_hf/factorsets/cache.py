@@ -57,7 +57,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from .log import get_logger
+from inilora_hf.log import get_logger
 
 logger = get_logger(__name__)
 

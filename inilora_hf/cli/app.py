@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .log import set_verbosity
+from inilora_hf.log import set_verbosity
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -61,8 +61,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compute(args: argparse.Namespace) -> int:
-    from .config import InitConfig
-    from .streaming import compute_streamed
+    from inilora_hf.factorsets.streaming import compute_streamed
+    from inilora_hf.variants.config import InitConfig
 
     config = InitConfig(
         variant=args.variant,
@@ -86,7 +86,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .factors import FactorSet
+    from inilora_hf.factorsets.factor_set import FactorSet
 
     factor_set = FactorSet.from_pretrained(args.path)
     config = factor_set.config
@@ -108,7 +108,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .factors import FactorSet
+    from inilora_hf.factorsets.factor_set import FactorSet
 
     factor_set = FactorSet.from_pretrained(args.path)
     info = factor_set.push_to_hub(
@@ -120,8 +120,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .factors import FactorSet
-    from .hub import download_factor_set
+    from inilora_hf.factorsets.factor_set import FactorSet
+    from inilora_hf.factorsets.publish import download_factor_set
 
     path = download_factor_set(args.repo_id, revision=args.revision)
     FactorSet.from_pretrained(path)  # verifies every file against its recorded checksum
@@ -130,7 +130,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import load_checkpoint, to_lora, to_merged
+    from inilora_hf.convert.export import load_checkpoint, to_lora, to_merged
 
     if not (args.merged or args.lora):
         raise ValueError("Nothing to write: pass --merged DIR and/or --lora DIR.")

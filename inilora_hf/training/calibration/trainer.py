@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.optimization import get_scheduler
 
-from ..log import get_logger
+from inilora_hf.log import get_logger
 
 logger = get_logger(__name__)
 

@@ -32,12 +32,12 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 from torch import nn
 
-from .log import get_logger
+from inilora_hf.log import get_logger
 
 # `ModuleFactors.extra` key of the r×r core (saved in factor sets as `<module>.lora_core`), and the name of the
 # adapter container on PEFT layers (saved in adapters as `<module>.lora_core.weight`). A variant that returns
 # factors with this extra trains in the LoRA-XS architecture.
-from .variants.data_driven import CORE_KEY
+from inilora_hf.variants.data_driven import CORE_KEY
 
 logger = get_logger(__name__)
 

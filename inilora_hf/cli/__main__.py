@@ -1,0 +1,7 @@
+"""`python -m inilora_hf.cli` runs the console script."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

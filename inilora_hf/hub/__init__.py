@@ -1,0 +1,1 @@
+"""The Hugging Face Hub (layer 2a): pushing and pulling repos, retries, and error translation."""
