@@ -32,3 +32,8 @@ class FactorSetNotFoundError(FactorSetHubError):
 
 class HubAuthenticationError(FactorSetHubError):
     """A push needs a Hugging Face token with write access, and none was found or it was refused."""
+
+
+class OutputExistsError(FileExistsError):
+    """An output folder already holds a result (or other files); it is replaced only with `overwrite=True`
+    (command line: `--overwrite`)."""
