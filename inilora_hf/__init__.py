@@ -5,12 +5,16 @@ Example:
     >>> init = inilora_init("./my-base-model", variant="inilora", rank=8)     # doctest: +SKIP
     >>> model = init()                                                         # doctest: +SKIP
     >>> print(model.init_report.summary())                                     # doctest: +SKIP
+
+Importing the package is light: each public name below is imported from its module on first use (PEP 562), so
+that `inilora-hf --help` answers without loading torch, transformers and peft.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .checkpoint import load_trained
-from .config import InitConfig
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     FactorSetCorruptError,
     FactorSetError,
@@ -19,15 +23,43 @@ from .errors import (
     FactorSetMismatchError,
     FactorSetNotFoundError,
     HubAuthenticationError,
+    OutputExistsError,
     TargetModuleError,
 )
-from .factors import FactorSet
-from .hub import download_factor_set, push_factor_set
-from .model_init import InitFunction, inilora_init
-from .report import InitReport
-from .trainer_callbacks import ExportCallback, InitReportCallback, PushStandardCheckpointCallback
-from .trl import SFTTrainer
-from .variants import ModuleFactors, VariantInputs, available_variants, get_variant, register_variant
+
+__version__ = "0.1.0"
+
+# Public name → the module that defines it, imported when the name is first used.
+_LAZY_EXPORTS = {
+    "load_trained": "checkpoint",
+    "InitConfig": "config",
+    "FactorSet": "factors",
+    "download_factor_set": "hub",
+    "push_factor_set": "hub",
+    "InitFunction": "model_init",
+    "inilora_init": "model_init",
+    "InitReport": "report",
+    "ExportCallback": "trainer_callbacks",
+    "InitReportCallback": "trainer_callbacks",
+    "PushStandardCheckpointCallback": "trainer_callbacks",
+    "SFTTrainer": "trl",
+    "ModuleFactors": "variants",
+    "VariantInputs": "variants",
+    "available_variants": "variants",
+    "get_variant": "variants",
+    "register_variant": "variants",
+}
+
+if TYPE_CHECKING:
+    from .checkpoint import load_trained
+    from .config import InitConfig
+    from .factors import FactorSet
+    from .hub import download_factor_set, push_factor_set
+    from .model_init import InitFunction, inilora_init
+    from .report import InitReport
+    from .trainer_callbacks import ExportCallback, InitReportCallback, PushStandardCheckpointCallback
+    from .trl import SFTTrainer
+    from .variants import ModuleFactors, VariantInputs, available_variants, get_variant, register_variant
 
 __all__ = [
     "ExportCallback",
@@ -47,6 +79,7 @@ __all__ = [
     "InitReport",
     "ModuleFactors",
     "SFTTrainer",
+    "OutputExistsError",
     "TargetModuleError",
     "VariantInputs",
     "__version__",
@@ -57,3 +90,23 @@ __all__ = [
     "push_factor_set",
     "register_variant",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name or a submodule (`inilora_hf.convert`), imported on first access."""
+    module = _LAZY_EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

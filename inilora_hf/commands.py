@@ -1,0 +1,104 @@
+"""What each `inilora-hf` subcommand does, given its parsed arguments (`inilora_hf.cli` parses and dispatches).
+
+This module imports the heavy layers (torch, transformers, peft); the CLI imports it only once a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import streaming
+from .config import InitConfig
+from .convert import load_checkpoint, to_lora, to_merged
+from .demo import run_demo
+from .factors import FactorSet
+from .hub import download_factor_set
+from .report import NO_STATISTIC, fit_table
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    result = run_demo(
+        args.output_dir,
+        model=args.model,
+        variant=args.variant,
+        rank=args.rank,
+        fit_steps=args.steps,
+        train_steps=args.train_steps,
+        cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
+    )
+    print(result.init_report.summary())
+    print(f"\nfactor set: {result.factor_source} ({result.seconds['factor set']:.1f} s)")
+    print(f"training: {len(result.losses)} steps in {result.seconds['training']:.1f} s, "
+          f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    print(f"merged checkpoint reproduces the trained model: max |Δlogits| = {result.merged_max_logit_diff:.2e}")
+    for name, path in result.paths.items():
+        print(f"{name + ':':<28} {path}")
+    return 0
+
+
+def cmd_compute(args: argparse.Namespace) -> int:
+    config = InitConfig(
+        variant=args.variant,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        use_rslora=args.rslora,
+        target_modules=args.targets.split(","),
+        options=dict(args.option),
+    )
+    factor_set = streaming.compute_streamed(
+        args.base,
+        config,
+        args.out,
+        max_memory=args.max_memory,
+        device=args.device,
+        revision=args.revision,
+        work_dir=args.work_dir,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {len(factor_set.factors)} modules to {args.out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    factor_set = FactorSet.from_pretrained(args.path)
+    config = factor_set.config
+    print(f"variant: {config.variant}   rank: {config.rank}   lora_alpha: {config.lora_alpha:g}   "
+          f"rslora: {config.use_rslora}   scaling: {config.scaling:g}")
+    print(f"targets: {config.target_modules}   options: {config.options}")
+    print(f"base model: {factor_set.base_model} (revision {factor_set.base_revision})   "
+          f"residual stored: {factor_set.has_residual}")
+    for key, value in sorted(factor_set.info.items()):
+        if key != "versions":
+            print(f"{key}: {value}")
+    shapes = {name: factor_set.fingerprints[name]["shape"] for name in factor_set.factors}
+    print("\n" + fit_table(factor_set.stats, shapes))
+    if not factor_set.stats:
+        print(f"{NO_STATISTIC}: {config.variant} does not fit s·B·A to W0, so there is no fit error to show.")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    factor_set = FactorSet.from_pretrained(args.path)
+    info = factor_set.push_to_hub(
+        args.repo_id, private=args.private or None, revision=args.revision, include_residual=args.include_residual
+    )
+    print(f"pushed {len(factor_set.factors)} modules to {info.repo_url.repo_id} (commit {info.oid})")
+    print(info.commit_url)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    path = download_factor_set(args.repo_id, revision=args.revision)
+    FactorSet.from_pretrained(path)  # verifies every file against its recorded checksum
+    print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    model, tokenizer = load_checkpoint(args.checkpoint, base_model=args.base_model)
+    if args.merged:
+        print(to_merged(model, args.merged, dtype=args.dtype, tokenizer=tokenizer, overwrite=args.overwrite))
+    if args.lora:
+        print(to_lora(model, args.lora, overwrite=args.overwrite))
+    return 0
