@@ -107,15 +107,15 @@ def run_demo(
         >>> result.losses[0] > result.losses[-1]                                 # doctest: +SKIP
         True
     """
-    with replacing_output_dir(output_dir, overwrite=overwrite) as output_dir:
+    with replacing_output_dir(output_dir, overwrite=overwrite) as folder:
         seconds: dict[str, float] = {}
-        base = model or str(build_demo_base(output_dir / "base"))
+        base = model or str(build_demo_base(folder / "base"))
         tokenizer = AutoTokenizer.from_pretrained(base)
         options = {} if fit_steps is None or variant != "inilora" else {"steps": fit_steps}
         init = inilora_init(base, variant=variant, rank=rank, dtype=torch.float32, cache_dir=cache_dir, **options)
 
         args = SFTConfig(
-            output_dir=str(output_dir / "run"),
+            output_dir=str(folder / "run"),
             max_steps=train_steps,
             per_device_train_batch_size=8,
             learning_rate=learning_rate,
@@ -141,14 +141,14 @@ def run_demo(
         trainer.train()
         seconds["training"] = time.perf_counter() - started
         trained = trainer.model
-        trainer.save_model(str(output_dir / "adapter"))
+        trainer.save_model(str(folder / "adapter"))
 
         started = time.perf_counter()
         paths = {
-            "factor set": output_dir / "factors",
-            "adapter (+ init metadata)": output_dir / "adapter",
-            "merged checkpoint": to_merged(trained, output_dir / "merged", tokenizer=tokenizer),
-            "standard LoRA adapter": to_lora(trained, output_dir / "lora"),
+            "factor set": folder / "factors",
+            "adapter (+ init metadata)": folder / "adapter",
+            "merged checkpoint": to_merged(trained, folder / "merged", tokenizer=tokenizer),
+            "standard LoRA adapter": to_lora(trained, folder / "lora"),
         }
         trained.factor_set.save_pretrained(paths["factor set"])
         seconds["export"] = time.perf_counter() - started

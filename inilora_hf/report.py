@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .config import InitConfig
 from .fit import factor_mse, optimal_mse
 from .grouping import shape_groups, stack
-from .config import InitConfig
 from .variants import ModuleFactors, get_variant
 
 NO_STATISTIC = "—"
