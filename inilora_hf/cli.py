@@ -53,24 +53,18 @@ def _variant_help(note: str = "") -> str:
 
 
 def _add_init_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--variant", default="inilora", help=_variant_help("; lora-sb reads calibration data, so it runs through the Python API only")
-    )
+    parser.add_argument("--variant", default="inilora",
+                        help=_variant_help("; lora-sb reads calibration data, so it runs through the Python API only"))
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     parser.add_argument("--lora-alpha", type=float, default=None,
                         help="LoRA alpha (default: the rank, i.e. scaling 1 as in the IniLoRA recipes)")
-    parser.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    parser.add_argument("--rslora", action="store_true",
+                        help="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
     parser.add_argument("--targets", default="q_proj,v_proj",
                         help="comma-separated names of the target modules (default: %(default)s)")
     parser.add_argument("--option", "-o", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
                         help="variant option, repeatable, e.g. -o steps=20000 -o seed=0 (default: the variant's own "
                              "defaults, listed in the README's Variants table)")
-
-
-def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--overwrite", action="store_true",
-                        help=f"replace {what} if it exists and is not empty (by default such a folder is refused "
-                             "before any work)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="compute a factor set, fine-tune with SFTTrainer, write checkpoints")
     demo.add_argument("--output-dir", default="inilora-demo", help="where everything is written (default: %(default)s)")
-    _add_overwrite(demo, "--output-dir")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --output-dir once the new run is complete (without it, such a folder "
+                           "is refused before any work)")
     demo.add_argument("--model", default=None, help="a Hub id or directory (default: a tiny Llama built from a config)")
     demo.add_argument("--variant", default="inilora", help=_variant_help())
     demo.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
@@ -107,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compute.add_argument("base", help="Hub id or directory of the base model (safetensors)")
     compute.add_argument("--out", required=True, help="output folder of the factor set (required)")
-    _add_overwrite(compute, "--out")
+    compute.add_argument("--overwrite", action="store_true",
+                         help="replace the factor set already in --out (without it, it is refused before any work)")
     compute.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available, else cpu)")
     compute.add_argument("--max-memory", default=None,
                          help="memory for weights + working set, e.g. 512MB or 2GB (default: no bound, one group "
@@ -144,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write a merged transformers checkpoint here (default: none; give --merged or --lora)")
     convert.add_argument("--lora", metavar="DIR", default=None,
                          help="write a standard PEFT LoRA adapter for the original base here (default: none)")
-    _add_overwrite(convert, "the --merged / --lora folders")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace non-empty --merged / --lora folders (without it, they are refused before any "
+                              "work)")
     convert.add_argument("--dtype", default=None, help="dtype of the merged weights (default: the base model's)")
     convert.add_argument("--base-model", default=None,
                          help="the original base model (default: the one recorded in the checkpoint)")

@@ -1,12 +1,20 @@
 """What each `inilora-hf` subcommand does, given its parsed arguments (`inilora_hf.cli` parses and dispatches).
 
 This module imports the heavy layers (torch, transformers, peft); the CLI imports it only once a command runs.
+Each `cmd_<name>(args)` prints its result and returns the exit status; errors propagate to `inilora_hf.cli.main`,
+which prints them as one line.
+
+Example:
+    >>> from inilora_hf.cli import build_parser
+    >>> cmd_inspect(build_parser().parse_args(["inspect", "factors/tiny-pissa"]))        # doctest: +SKIP
+    0
 """
 
 from __future__ import annotations
 
 import argparse
 
+# `streaming.compute_streamed` is looked up at call time (tests substitute it).
 from . import streaming
 from .config import InitConfig
 from .convert import load_checkpoint, to_lora, to_merged
@@ -17,6 +25,7 @@ from .report import NO_STATISTIC, fit_table
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`inilora-hf demo`: run `run_demo` and print its report, timings and output paths."""
     result = run_demo(
         args.output_dir,
         model=args.model,
@@ -38,6 +47,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compute(args: argparse.Namespace) -> int:
+    """`inilora-hf compute`: stream the factor set of `args.base` into `args.out`."""
     config = InitConfig(
         variant=args.variant,
         rank=args.rank,
@@ -61,6 +71,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """`inilora-hf inspect`: print a factor set's config, provenance and per-module fit table."""
     factor_set = FactorSet.from_pretrained(args.path)
     config = factor_set.config
     print(f"variant: {config.variant}   rank: {config.rank}   lora_alpha: {config.lora_alpha:g}   "
@@ -79,6 +90,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    """`inilora-hf push`: upload a factor-set folder to a Hub repo."""
     factor_set = FactorSet.from_pretrained(args.path)
     info = factor_set.push_to_hub(
         args.repo_id, private=args.private or None, revision=args.revision, include_residual=args.include_residual
@@ -89,6 +101,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    """`inilora-hf pull`: download a factor set, verify its checksums and print its local path."""
     path = download_factor_set(args.repo_id, revision=args.revision)
     FactorSet.from_pretrained(path)  # verifies every file against its recorded checksum
     print(path)
@@ -96,6 +109,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    """`inilora-hf convert`: write the merged checkpoint and/or standard LoRA adapter of a checkpoint."""
     model, tokenizer = load_checkpoint(args.checkpoint, base_model=args.base_model)
     if args.merged:
         print(to_merged(model, args.merged, dtype=args.dtype, tokenizer=tokenizer, overwrite=args.overwrite))

@@ -18,7 +18,7 @@ import pytest
 
 from inilora_hf.cli import BUILTIN_VARIANTS, INTERRUPTED_EXIT_CODE, build_parser, main
 from inilora_hf.errors import OutputExistsError
-from inilora_hf.output_dirs import replacing_output_dir
+from inilora_hf.output_dirs import check_output_dir, replacing_output_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEAVY_MODULES = ("torch", "transformers", "peft", "trl", "datasets", "safetensors")
@@ -85,8 +85,8 @@ print(json.dumps(heavy))
 def test_builtin_variant_names_in_help_are_the_registered_ones() -> None:
     """The CLI lists variants without importing the registry; the list must equal the registry's built-ins (asked in a
     fresh process: this test session also registers test-only variants)."""
-    run = subprocess.run([sys.executable, "-c", "import inilora_hf, json; print(json.dumps(inilora_hf.available_variants()))"],
-                         capture_output=True, text=True, timeout=300, check=False)
+    script = "import inilora_hf, json; print(json.dumps(inilora_hf.available_variants()))"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert list(BUILTIN_VARIANTS) == json.loads(run.stdout.splitlines()[-1])
 
@@ -183,7 +183,8 @@ def test_convert_checks_every_output_before_writing_any(tmp_path: Path, capsys) 
     from inilora_hf.demo import build_demo_base
 
     base = build_demo_base(tmp_path / "base")
-    inilora_init(base, variant="inilora-beta", rank=4, cache_dir=tmp_path / "cache")().save_pretrained(tmp_path / "ckpt")
+    model = inilora_init(base, variant="inilora-beta", rank=4, cache_dir=tmp_path / "cache")()
+    model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text("{}")
     capsys.readouterr()
@@ -203,8 +204,8 @@ def test_output_folder_of_a_failed_job_is_removed_and_a_file_is_refused(tmp_path
         raise RuntimeError("job failed")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(OutputExistsError, match="is not a folder"), replacing_output_dir(tmp_path / "a-file", overwrite=True):
-        pass
+    with pytest.raises(OutputExistsError, match="is not a folder"):
+        check_output_dir(tmp_path / "a-file", overwrite=True)
     assert (tmp_path / "a-file").read_text() == "x"
 
 
