@@ -44,7 +44,8 @@ def replacing_output_dir(path: str | os.PathLike, *, overwrite: bool = False) ->
     The folder is checked first (`check_output_dir`). An existing folder is renamed to a hidden sibling, and the
     new content is written at `path` itself (so paths recorded inside it, e.g. a base model the job saved there,
     stay valid). On success the old folder is deleted; on any error or interrupt the partial new folder is removed
-    and the old one renamed back. `path` thus holds the old folder or the complete new one, never a mix.
+    and the old one renamed back. `path` thus holds the old folder or the complete new one, never a mix (a process
+    killed outright, e.g. by SIGKILL, leaves its partial folder at `path` and the old one in `.<name>.old-*`).
 
     Example:
         >>> with replacing_output_dir("demo-out", overwrite=True) as folder:     # doctest: +SKIP
