@@ -2,6 +2,7 @@
 
     python examples/sft_trl.py                       # tiny model built locally, shipped demo data
     python examples/sft_trl.py --model ./my-llama --variant inilora-beta --fit-steps 20000
+    python examples/sft_trl.py --overwrite            # run again, replacing the exports of the first run
 
 Copy this file as the starting point of your own run.
 """
@@ -13,8 +14,9 @@ from transformers import AutoTokenizer
 from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, inilora_init
-from inilora_hf.convert.export import to_lora, to_merged
+from inilora_hf.convert import to_lora, to_merged
 from inilora_hf.cli.demo import build_demo_base, demo_dataset
+from inilora_hf.output_dirs import check_output_dir
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None, help="Hub id or directory (default: a tiny Llama built locally)")
@@ -22,7 +24,10 @@ parser.add_argument("--variant", default="inilora")
 parser.add_argument("--rank", type=int, default=8)
 parser.add_argument("--fit-steps", type=int, default=2000, help="IniLoRA Adam steps (paper: 20000)")
 parser.add_argument("--output-dir", default="sft-out")
+parser.add_argument("--overwrite", action="store_true", help="replace the merged/ and lora/ of an earlier run")
 args = parser.parse_args()
+for export in ("merged", "lora"):  # refused now rather than after training
+    check_output_dir(f"{args.output_dir}/{export}", overwrite=args.overwrite)
 
 model_path = args.model or str(build_demo_base(f"{args.output_dir}/base"))
 tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -53,7 +58,7 @@ print(trainer.model.init_report.summary())
 
 # 3. Results that load without inilora_hf: a merged transformers checkpoint and a plain PEFT adapter
 #    for the ORIGINAL base model (PeftModel.from_pretrained(base, f"{args.output_dir}/lora")).
-to_merged(trainer.model, f"{args.output_dir}/merged", tokenizer=tokenizer)
-to_lora(trainer.model, f"{args.output_dir}/lora")
+to_merged(trainer.model, f"{args.output_dir}/merged", tokenizer=tokenizer, overwrite=args.overwrite)
+to_lora(trainer.model, f"{args.output_dir}/lora", overwrite=args.overwrite)
 trainer.model.factor_set.save_pretrained(f"{args.output_dir}/factors")
 print(f"wrote {args.output_dir}/merged, {args.output_dir}/lora and {args.output_dir}/factors")

@@ -5,17 +5,17 @@ Example:
     >>> init = inilora_init("./my-base-model", variant="inilora", rank=8)     # doctest: +SKIP
     >>> model = init()                                                         # doctest: +SKIP
     >>> print(model.init_report.summary())                                     # doctest: +SKIP
+
+Importing the package is light: each public name below is imported from its module on first use (PEP 562), so
+that `inilora-hf --help` answers without loading torch, transformers and peft.
 """
 
-from inilora_hf._version import __version__
-from inilora_hf.factorsets.factor_set import FactorSet
-from inilora_hf.factorsets.publish import download_factor_set, push_factor_set
-from inilora_hf.factorsets.report import InitReport
-from inilora_hf.training.checkpoint import load_trained
-from inilora_hf.training.model_init import InitFunction, inilora_init
-from inilora_hf.training.sft import SFTTrainer
-from inilora_hf.variants.config import InitConfig
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 from .errors import (
     BaseModelNotFoundError,
     FactorSetCorruptError,
@@ -25,20 +25,41 @@ from .errors import (
     FactorSetMismatchError,
     FactorSetNotFoundError,
     HubAuthenticationError,
+    OutputExistsError,
     TargetModuleError,
 )
-from .trainer_callbacks import (
-    ExportCallback,
-    InitReportCallback,
-    PushStandardCheckpointCallback,
-)
-from .variants import (
-    ModuleFactors,
-    VariantInputs,
-    available_variants,
-    get_variant,
-    register_variant,
-)
+
+# Public name → the module that defines it, imported when the name is first used.
+_LAZY_EXPORTS = {
+    "load_trained": "training.checkpoint",
+    "InitConfig": "variants.config",
+    "FactorSet": "factorsets.factor_set",
+    "download_factor_set": "factorsets.publish",
+    "push_factor_set": "factorsets.publish",
+    "InitFunction": "training.model_init",
+    "inilora_init": "training.model_init",
+    "InitReport": "factorsets.report",
+    "ExportCallback": "trainer_callbacks",
+    "InitReportCallback": "trainer_callbacks",
+    "PushStandardCheckpointCallback": "trainer_callbacks",
+    "SFTTrainer": "training.sft",
+    "ModuleFactors": "variants",
+    "VariantInputs": "variants",
+    "available_variants": "variants",
+    "get_variant": "variants",
+    "register_variant": "variants",
+}
+
+if TYPE_CHECKING:
+    from .training.checkpoint import load_trained
+    from .variants.config import InitConfig
+    from .factorsets.factor_set import FactorSet
+    from .factorsets.publish import download_factor_set, push_factor_set
+    from .training.model_init import InitFunction, inilora_init
+    from .factorsets.report import InitReport
+    from .trainer_callbacks import ExportCallback, InitReportCallback, PushStandardCheckpointCallback
+    from .training.sft import SFTTrainer
+    from .variants import ModuleFactors, VariantInputs, available_variants, get_variant, register_variant
 
 __all__ = [
     "BaseModelNotFoundError",
@@ -59,6 +80,7 @@ __all__ = [
     "InitReport",
     "ModuleFactors",
     "SFTTrainer",
+    "OutputExistsError",
     "TargetModuleError",
     "VariantInputs",
     "__version__",
@@ -69,3 +91,23 @@ __all__ = [
     "push_factor_set",
     "register_variant",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name or a submodule (`inilora_hf.convert`), imported on first access."""
+    module = _LAZY_EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,13 +1,33 @@
-"""The `inilora-hf` console script: demo, compute, inspect, push, pull, convert."""
+"""The `inilora-hf` console script: demo, compute, inspect, push, pull, convert.
+
+Importing this module is light (argparse, no torch): `--help`, argument errors and existing output folders are
+answered at once; the commands themselves (`inilora_hf.commands`, which loads torch, transformers and peft) are
+imported only when one runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from inilora_hf.log import set_verbosity
+from inilora_hf.output_dirs import check_output_dir
+
+# The built-in variant names, listed in --help without importing the registry (which needs torch); a test keeps
+# this equal to `inilora_hf.available_variants()` in a fresh process.
+BUILTIN_VARIANTS = ("gaussian", "inilora", "inilora-alpha", "inilora-beta", "lora", "lora-sb", "milora", "pissa")
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line that points at --help (instead of the full usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -28,191 +48,147 @@ def _parse_option(text: str) -> tuple[str, object]:
     return key, raw
 
 
+def _variant_help(note: str = "") -> str:
+    return f"init variant: {', '.join(BUILTIN_VARIANTS)} (default: %(default)s){note}"
+
+
 def _add_init_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", default="inilora", help="init variant (default: inilora)")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=None, help="default: rank (scaling 1)")
-    parser.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
-    parser.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names (default q_proj,v_proj)")
+    parser.add_argument("--variant", default="inilora",
+                        help=_variant_help("; lora-sb reads calibration data, so it runs through the Python API only"))
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    parser.add_argument("--lora-alpha", type=float, default=None,
+                        help="LoRA alpha (default: the rank, i.e. scaling 1 as in the IniLoRA recipes)")
+    parser.add_argument("--rslora", action="store_true",
+                        help="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
+    parser.add_argument("--targets", default="q_proj,v_proj",
+                        help="comma-separated names of the target modules (default: %(default)s)")
     parser.add_argument("--option", "-o", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
-                        help="variant option, repeatable (e.g. -o steps=20000 -o seed=0)")
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    result = run_demo(
-        args.output_dir,
-        model=args.model,
-        variant=args.variant,
-        rank=args.rank,
-        fit_steps=args.steps,
-        train_steps=args.train_steps,
-        cache_dir=args.cache_dir,
-    )
-    print(result.init_report.summary())
-    print(f"\nfactor set: {result.factor_source} ({result.seconds['factor set']:.1f} s)")
-    print(f"training: {len(result.losses)} steps in {result.seconds['training']:.1f} s, "
-          f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
-    print(f"merged checkpoint reproduces the trained model: max |Δlogits| = {result.merged_max_logit_diff:.2e}")
-    for name, path in result.paths.items():
-        print(f"{name + ':':<28} {path}")
-    return 0
-
-
-def cmd_compute(args: argparse.Namespace) -> int:
-    from inilora_hf.factorsets.streaming import compute_streamed
-    from inilora_hf.variants.config import InitConfig
-
-    config = InitConfig(
-        variant=args.variant,
-        rank=args.rank,
-        lora_alpha=args.lora_alpha,
-        use_rslora=args.rslora,
-        target_modules=args.targets.split(","),
-        options=dict(args.option),
-    )
-    factor_set = compute_streamed(
-        args.base,
-        config,
-        args.out,
-        max_memory=args.max_memory,
-        device=args.device,
-        revision=args.revision,
-        work_dir=args.work_dir,
-    )
-    print(f"wrote {len(factor_set.factors)} modules to {args.out}")
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from inilora_hf.factorsets.factor_set import FactorSet
-
-    factor_set = FactorSet.from_pretrained(args.path)
-    config = factor_set.config
-    print(f"variant: {config.variant}   rank: {config.rank}   lora_alpha: {config.lora_alpha:g}   "
-          f"rslora: {config.use_rslora}   scaling: {config.scaling:g}")
-    print(f"targets: {config.target_modules}   options: {config.options}")
-    print(f"base model: {factor_set.base_model} (revision {factor_set.base_revision})   "
-          f"residual stored: {factor_set.has_residual}")
-    for key, value in sorted(factor_set.info.items()):
-        if key != "versions":
-            print(f"{key}: {value}")
-    print(f"\n{'module':<52} {'shape':>11} {'fit MSE':>10} {'optimal':>10} {'ratio':>8}")
-    for name in sorted(factor_set.factors):
-        stats = factor_set.stats.get(name, {})
-        shape = "x".join(map(str, factor_set.fingerprints[name]["shape"]))
-        print(f"{name[-52:]:<52} {shape:>11} {stats.get('mse', float('nan')):>10.3e} "
-              f"{stats.get('optimal_mse', float('nan')):>10.3e} {stats.get('mse_ratio', float('nan')):>8.4f}")
-    return 0
-
-
-def cmd_push(args: argparse.Namespace) -> int:
-    from inilora_hf.factorsets.factor_set import FactorSet
-
-    factor_set = FactorSet.from_pretrained(args.path)
-    info = factor_set.push_to_hub(
-        args.repo_id, private=args.private or None, revision=args.revision, include_residual=args.include_residual
-    )
-    print(f"pushed {len(factor_set.factors)} modules to {info.repo_url.repo_id} (commit {info.oid})")
-    print(info.commit_url)
-    return 0
-
-
-def cmd_pull(args: argparse.Namespace) -> int:
-    from inilora_hf.factorsets.factor_set import FactorSet
-    from inilora_hf.factorsets.publish import download_factor_set
-
-    path = download_factor_set(args.repo_id, revision=args.revision)
-    FactorSet.from_pretrained(path)  # verifies every file against its recorded checksum
-    print(path)
-    return 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from inilora_hf.convert.export import load_checkpoint, to_lora, to_merged
-
-    if not (args.merged or args.lora):
-        raise ValueError("Nothing to write: pass --merged DIR and/or --lora DIR.")
-    model, tokenizer = load_checkpoint(args.checkpoint, base_model=args.base_model)
-    if args.merged:
-        print(to_merged(model, args.merged, dtype=args.dtype, tokenizer=tokenizer, overwrite=args.overwrite))
-    if args.lora:
-        print(to_lora(model, args.lora, overwrite=args.overwrite))
-    return 0
+                        help="variant option, repeatable, e.g. -o steps=20000 -o seed=0 (default: the variant's own "
+                             "defaults, listed in the README's Variants table)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `inilora-hf` (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="inilora-hf", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True)
+    """The argument parser of `inilora-hf` (exposed for tests and docs).
+
+    Example:
+        >>> build_parser().parse_args(["inspect", "factors/tiny-pissa"]).path
+        'factors/tiny-pissa'
+    """
+    parser = _Parser(
+        prog="inilora-hf",
+        description="LoRA-init factor sets: demo, compute, inspect, push, pull, convert.",
+        epilog="`inilora-hf COMMAND --help` lists the options of a command with their defaults.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (the demo always does)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="compute a factor set, fine-tune with SFTTrainer, write checkpoints")
-    demo.add_argument("--output-dir", default="inilora-demo")
-    demo.add_argument("--model", default=None, help="a Hub id or directory (default: a tiny model built locally)")
-    demo.add_argument("--variant", default="inilora")
-    demo.add_argument("--rank", type=int, default=8)
-    demo.add_argument("--steps", type=int, default=None, help="IniLoRA fit steps (default 20000)")
-    demo.add_argument("--train-steps", type=int, default=40)
-    demo.add_argument("--cache-dir", default=None)
-    demo.set_defaults(func=cmd_demo)
+    demo.add_argument("--output-dir", default="inilora-demo", help="where everything is written (default: %(default)s)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --output-dir once the new run is complete (without it, such a folder "
+                           "is refused before any work)")
+    demo.add_argument("--model", default=None, help="a Hub id or directory (default: a tiny Llama built from a config)")
+    demo.add_argument("--variant", default="inilora", help=_variant_help())
+    demo.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="fit steps of the inilora variant (default: the variant's 20000)")
+    demo.add_argument("--train-steps", type=int, default=40, help="SFTTrainer steps (default: %(default)s)")
+    demo.add_argument("--cache-dir", default=None,
+                      help="factor-set cache (default: $INILORA_HF_CACHE, else $HF_HOME/inilora)")
+    demo.set_defaults(handler="cmd_demo", outputs=("output_dir",))
 
     compute = commands.add_parser(
         "compute",
         help="compute a factor set for a base model and save it (streamed: reads only the target weights)",
     )
     compute.add_argument("base", help="Hub id or directory of the base model (safetensors)")
-    compute.add_argument("--out", required=True, help="output directory")
-    compute.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    compute.add_argument("--out", required=True, help="output folder of the factor set (required)")
+    compute.add_argument("--overwrite", action="store_true",
+                         help="replace the factor set already in --out (without it, it is refused before any work)")
+    compute.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available, else cpu)")
     compute.add_argument("--max-memory", default=None,
-                         help="memory for weights + working set, e.g. 512MB or 2GB (default: one group per shape)")
-    compute.add_argument("--revision", default=None, help="Hub revision of the base model")
+                         help="memory for weights + working set, e.g. 512MB or 2GB (default: no bound, one group "
+                              "per shape)")
+    compute.add_argument("--revision", default=None, help="Hub revision of the base model (default: main)")
     compute.add_argument("--work-dir", default=None,
-                         help="where finished groups are kept so that an interrupted run resumes (default: in the cache)")
+                         help="where finished groups are kept so that an interrupted run resumes (default: a folder "
+                              "in the factor-set cache)")
     _add_init_arguments(compute)
-    compute.set_defaults(func=cmd_compute)
+    compute.set_defaults(handler="cmd_compute")  # compute_streamed checks --out before any work
 
     inspect = commands.add_parser("inspect", help="print a factor set's metadata and per-module fit statistics")
     inspect.add_argument("path", help="factor-set directory or Hub repo id")
-    inspect.set_defaults(func=cmd_inspect)
+    inspect.set_defaults(handler="cmd_inspect")
 
     push = commands.add_parser("push", help="upload a factor-set directory to a Hub repo, with a model card")
     push.add_argument("path", help="factor-set directory (from `compute` or `save_pretrained`)")
     push.add_argument("repo_id", help="Hub repo id, e.g. my-org/llama-3.2-1b-inilora-r8 (created if missing)")
     push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    push.add_argument("--revision", default=None, help="branch to commit to, created if missing (default: main)")
     push.add_argument("--include-residual", action="store_true", help="also upload the stored residual R")
-    push.set_defaults(func=cmd_push)
+    push.set_defaults(handler="cmd_push")
 
     pull = commands.add_parser("pull", help="download a factor set into the Hugging Face cache and print its path")
     pull.add_argument("repo_id", help="Hub repo id of a factor set")
-    pull.add_argument("--revision", default=None, help="branch, tag or commit sha (default main)")
-    pull.set_defaults(func=cmd_pull)
+    pull.add_argument("--revision", default=None, help="branch, tag or commit sha (default: main)")
+    pull.set_defaults(handler="cmd_pull")
 
     convert = commands.add_parser(
         "convert", help="turn a training checkpoint into a merged transformers checkpoint and/or a standard LoRA adapter"
     )
     convert.add_argument("checkpoint", help="a checkpoint-N folder or save_model() output of an inilora_hf run")
-    convert.add_argument("--merged", metavar="DIR", help="write a merged transformers checkpoint here")
-    convert.add_argument("--lora", metavar="DIR", help="write a standard PEFT LoRA adapter (for the original base) here")
+    convert.add_argument("--merged", metavar="DIR", default=None,
+                         help="write a merged transformers checkpoint here (default: none; give --merged or --lora)")
+    convert.add_argument("--lora", metavar="DIR", default=None,
+                         help="write a standard PEFT LoRA adapter for the original base here (default: none)")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace non-empty --merged / --lora folders (without it, they are refused before any "
+                              "work)")
     convert.add_argument("--dtype", default=None, help="dtype of the merged weights (default: the base model's)")
-    convert.add_argument("--base-model", default=None, help="the original base model, if not the recorded one")
-    convert.add_argument("--overwrite", action="store_true", help="replace existing output folders")
-    convert.set_defaults(func=cmd_convert)
+    convert.add_argument("--base-model", default=None,
+                         help="the original base model (default: the one recorded in the checkpoint)")
+    convert.set_defaults(handler="cmd_convert", outputs=("merged", "lora"))
     return parser
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any work, what can be refused without loading anything: no output, or existing output folders
+    (the `outputs` a subcommand declares)."""
+    if args.command == "convert" and not (args.merged or args.lora):
+        raise ValueError("nothing to write: pass --merged DIR and/or --lora DIR.")
+    for dest in getattr(args, "outputs", ()):
+        if getattr(args, dest) is not None:
+            check_output_dir(getattr(args, dest), overwrite=args.overwrite)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `inilora-hf` console script."""
+    """Entry point of the `inilora-hf` console script; returns the exit status.
+
+    Errors in the input (bad arguments, a missing or existing folder, an unknown variant, ...) print one line on
+    stderr and return 2; Ctrl-C prints one line and returns 130.
+
+    Example:
+        >>> main(["inspect", "factors/tiny-pissa"])                  # doctest: +SKIP
+        0
+    """
     args = build_parser().parse_args(argv)
     if args.verbose or args.command == "demo":
         set_verbosity(logging.INFO)
     try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        print(f"inilora-hf {args.command}: error: {error}", file=sys.stderr)
+        _check_arguments(args)
+        # The one place the heavy layers are imported, so that --help and argument errors answer at once.
+        commands = importlib.import_module(".commands", __package__)
+        return getattr(commands, args.handler)(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"inilora-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"inilora-hf {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

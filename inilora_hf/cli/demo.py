@@ -17,10 +17,15 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    PrinterCallback,
 )
+from trl import SFTConfig
 
-from inilora_hf.factorsets.report import InitReport
+from inilora_hf.convert.export import to_lora, to_merged
 from inilora_hf.training.model_init import inilora_init
+from inilora_hf.output_dirs import replacing_output_dir
+from inilora_hf.factorsets.report import InitReport
+from inilora_hf.training.sft import SFTTrainer
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
@@ -88,76 +93,78 @@ def run_demo(
     train_steps: int = 40,
     learning_rate: float = 5e-3,
     cache_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> DemoResult:
     """Compute a factor set, fine-tune with `inilora_hf.SFTTrainer(model_init=...)`, write standard checkpoints.
+
+    Everything goes into `output_dir` (`base/` when no `model` is given, `factors/`, `adapter/`, `merged/`,
+    `lora/`). A non-empty `output_dir` is refused before any work (`OutputExistsError`) unless `overwrite=True`;
+    then it is replaced only once the new run is complete, and kept as it was if the run fails or is interrupted
+    (a fresh folder is removed then).
 
     Example:
         >>> result = run_demo("demo-out", train_steps=10)                       # doctest: +SKIP
         >>> result.losses[0] > result.losses[-1]                                 # doctest: +SKIP
         True
     """
-    from transformers import PrinterCallback
-    from trl import SFTConfig
+    with replacing_output_dir(output_dir, overwrite=overwrite) as folder:
+        seconds: dict[str, float] = {}
+        base = model or str(build_demo_base(folder / "base"))
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        options = {} if fit_steps is None or variant != "inilora" else {"steps": fit_steps}
+        init = inilora_init(base, variant=variant, rank=rank, dtype=torch.float32, cache_dir=cache_dir, **options)
 
-    from inilora_hf.convert.export import to_lora, to_merged
-    from inilora_hf.training.sft import SFTTrainer
+        args = SFTConfig(
+            output_dir=str(folder / "run"),
+            max_steps=train_steps,
+            per_device_train_batch_size=8,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            bf16=False,
+            gradient_checkpointing=False,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            seed=0,
+        )
+        started = time.perf_counter()
+        if not init.needs_calibration_data:
+            init.prepare()
+            seconds["factor set"] = time.perf_counter() - started
+        trainer = SFTTrainer(model_init=init, args=args, train_dataset=demo_dataset(), processing_class=tokenizer)
+        # A data-driven init (lora-sb) is computed while the trainer is built, from the trainer's own train data.
+        seconds.setdefault("factor set", time.perf_counter() - started)
+        trainer.remove_callback(PrinterCallback)  # the losses are summarised in the report instead
+        started = time.perf_counter()
+        trainer.train()
+        seconds["training"] = time.perf_counter() - started
+        trained = trainer.model
+        trainer.save_model(str(folder / "adapter"))
 
-    output_dir = Path(output_dir)
-    seconds: dict[str, float] = {}
-    base = model or str(build_demo_base(output_dir / "base"))
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    options = {} if fit_steps is None or variant != "inilora" else {"steps": fit_steps}
-    init = inilora_init(base, variant=variant, rank=rank, dtype=torch.float32, cache_dir=cache_dir, **options)
+        started = time.perf_counter()
+        paths = {
+            "factor set": folder / "factors",
+            "adapter (+ init metadata)": folder / "adapter",
+            "merged checkpoint": to_merged(trained, folder / "merged", tokenizer=tokenizer),
+            "standard LoRA adapter": to_lora(trained, folder / "lora"),
+        }
+        trained.factor_set.save_pretrained(paths["factor set"])
+        seconds["export"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    init.prepare()
-    seconds["factor set"] = time.perf_counter() - started
-
-    args = SFTConfig(
-        output_dir=str(output_dir / "run"),
-        max_steps=train_steps,
-        per_device_train_batch_size=8,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-        seed=0,
-    )
-    trainer = SFTTrainer(model_init=init, args=args, train_dataset=demo_dataset(), processing_class=tokenizer)
-    trainer.remove_callback(PrinterCallback)  # the losses are summarised in the report instead
-    started = time.perf_counter()
-    trainer.train()
-    seconds["training"] = time.perf_counter() - started
-    trained = trainer.model
-    trainer.save_model(str(output_dir / "adapter"))
-
-    started = time.perf_counter()
-    paths = {
-        "factor set": output_dir / "factors",
-        "adapter (+ init metadata)": output_dir / "adapter",
-        "merged checkpoint": to_merged(trained, output_dir / "merged", tokenizer=tokenizer),
-        "standard LoRA adapter": to_lora(trained, output_dir / "lora"),
-    }
-    trained.factor_set.save_pretrained(paths["factor set"])
-    seconds["export"] = time.perf_counter() - started
-
-    ids = tokenizer(["add 2 3 = 5", "reverse cat = tac"], return_tensors="pt", padding=True)
-    merged = AutoModelForCausalLM.from_pretrained(paths["merged checkpoint"], dtype=torch.float32)
-    trained.eval()
-    with torch.no_grad():
-        expected = trained.get_base_model()(input_ids=ids["input_ids"]).logits
-        actual = merged(input_ids=ids["input_ids"]).logits
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return DemoResult(
-        init_report=trained.init_report,
-        factor_source=init.factor_source,
-        losses=losses,
-        paths=paths,
-        seconds=seconds,
-        merged_max_logit_diff=float((expected - actual).abs().max()),
-    )
+        ids = tokenizer(["add 2 3 = 5", "reverse cat = tac"], return_tensors="pt", padding=True)
+        merged = AutoModelForCausalLM.from_pretrained(paths["merged checkpoint"], dtype=torch.float32)
+        trained.eval()
+        with torch.no_grad():
+            expected = trained.get_base_model()(input_ids=ids["input_ids"]).logits
+            actual = merged(input_ids=ids["input_ids"]).logits
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return DemoResult(
+            init_report=trained.init_report,
+            factor_source=init.factor_source,
+            losses=losses,
+            paths=paths,
+            seconds=seconds,
+            merged_max_logit_diff=float((expected - actual).abs().max()),
+        )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from inilora_hf.variants.config import InitConfig
 from inilora_hf.linalg.fit import factor_mse, optimal_mse
 from inilora_hf.linalg.grouping import shape_groups, stack
 from inilora_hf.variants import ModuleFactors, get_variant
-from inilora_hf.variants.config import InitConfig
+
+NO_STATISTIC = "—"
 
 
 def fit_statistics(
@@ -92,13 +95,43 @@ class InitReport:
             f"{'module':<48} {'shape':>11} {'dtype':>9} {'fit MSE':>10} {'/optimum':>9} {'max|R+sBA-W0|':>14}",
         ]
         for module in self.modules[:max_rows]:
-            ratio = "" if module.mse_ratio is None else f"{module.mse_ratio:.4f}"
-            mse = "" if module.mse is None else f"{module.mse:.3e}"
             lines.append(
                 f"{module.name[-48:]:<48} {'x'.join(map(str, module.shape)):>11} {module.storage_dtype:>9} "
-                f"{mse:>10} {ratio:>9} {module.reconstruction_max_abs:>14.3e}"
+                f"{format_statistic(module.mse, '.3e'):>10} {format_statistic(module.mse_ratio, '.4f'):>9} "
+                f"{module.reconstruction_max_abs:>14.3e}"
             )
         if len(self.modules) > max_rows:
             lines.append(f"... {len(self.modules) - max_rows} more modules")
         lines.append(f"max reconstruction error over {len(self.modules)} modules: {self.max_reconstruction_error:.3e}")
         return "\n".join(lines)
+
+
+def format_statistic(value: float | None, spec: str) -> str:
+    """`value` in the format `spec`, or `—` where there is none (a variant not fitted to W0, an undefined ratio).
+
+    Example:
+        >>> format_statistic(2.5e-4, ".3e"), format_statistic(None, ".3e"), format_statistic(float("nan"), ".4f")
+        ('2.500e-04', '—', '—')
+    """
+    if value is None or math.isnan(value):
+        return NO_STATISTIC
+    return format(value, spec)
+
+
+def fit_table(stats: Mapping[str, Mapping[str, float]], shapes: Mapping[str, Sequence[int]]) -> str:
+    """The per-module table of `inilora-hf inspect`: shape, fit MSE, the rank-r SVD optimum and their ratio, one row
+    per module of `shapes` (sorted); `—` where a module has no statistics (variants not fitted to W0).
+
+    Example:
+        >>> print(fit_table({}, {"model.layers.0.self_attn.q_proj": (64, 64)}))
+        module                                                     shape    fit MSE    optimal    ratio
+        model.layers.0.self_attn.q_proj                            64x64          —          —        —
+    """
+    lines = [f"{'module':<52} {'shape':>11} {'fit MSE':>10} {'optimal':>10} {'ratio':>8}"]
+    for name in sorted(shapes):
+        row = stats.get(name, {})
+        lines.append(
+            f"{name[-52:]:<52} {'x'.join(map(str, shapes[name])):>11} {format_statistic(row.get('mse'), '.3e'):>10} "
+            f"{format_statistic(row.get('optimal_mse'), '.3e'):>10} {format_statistic(row.get('mse_ratio'), '.4f'):>8}"
+        )
+    return "\n".join(lines)
