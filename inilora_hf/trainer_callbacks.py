@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from inilora_hf.convert.export import to_lora, to_merged
+from inilora_hf.convert import to_lora, to_merged
 from inilora_hf.factorsets.report import InitReport
 
 from .log import get_logger

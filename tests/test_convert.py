@@ -1,4 +1,4 @@
-"""`inilora_hf.convert.export`: trained models → merged checkpoints and standard LoRA adapters that plain libraries load.
+"""`inilora_hf.convert`: trained models → merged checkpoints and standard LoRA adapters that plain libraries load.
 
 Every built-in variant is trained for a few optimizer steps, exported both ways, and reloaded in ONE
 subprocess that never imports inilora_hf; its logits must equal the trained model's.
@@ -17,10 +17,16 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
-from inilora_hf import FactorSet, available_variants, get_variant, inilora_init
-from inilora_hf import convert
+from inilora_hf import FactorSet, available_variants, convert, get_variant, inilora_init
 from inilora_hf.trainer_callbacks import PushStandardCheckpointCallback
 from tests import helpers
 
@@ -202,7 +208,7 @@ def test_output_directory_is_written_atomically(exported: dict, tmp_path: Path, 
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(convert, "save_torch_state_dict", fail)
+    monkeypatch.setattr("inilora_hf.convert.export.save_torch_state_dict", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         convert.to_lora(model, target, overwrite=True)
     assert target.joinpath("adapter_model.safetensors").read_bytes() == first  # old export intact

@@ -6,13 +6,10 @@ Example:
     >>> convert.to_merged("out/checkpoint-500", "out/merged")   # doctest: +SKIP
 """
 
-from .export import (
-    export_card,
-    load_checkpoint,
-    merged_state_dict,
-    standard_lora,
-    to_lora,
-    to_merged,
-)
+from .card import export_card
+from .export import to_lora, to_merged
+from .lora import standard_lora
+from .merged import merged_state_dict
+from .trained import load_checkpoint
 
 __all__ = ["export_card", "load_checkpoint", "merged_state_dict", "standard_lora", "to_lora", "to_merged"]
