@@ -28,8 +28,9 @@ from inilora_hf.factorsets.cache import (
     write_manifest,
 )
 
-
 CACHE_PY = Path(cache.__file__).resolve()
+#: The logger that get_or_build warns through.
+ENTRIES_LOGGER = "inilora_hf.factorsets.cache.entries"
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, deterministic
 
 
@@ -95,7 +96,7 @@ def test_validate_called_on_hit_and_failure_triggers_rebuild(tmp_path: Path, cap
     assert seen[-1] == entry and build.calls == 1
 
     (entry / "poison").write_text("")
-    with caplog.at_level(logging.WARNING, logger="inilora_hf.factorsets.cache"):
+    with caplog.at_level(logging.WARNING, logger=ENTRIES_LOGGER):
         res = get_or_build("kv", build, cache_dir=tmp_path, validate=validate)
     assert res.hit is False and build.calls == 2
     assert not (res.path / "poison").exists()
@@ -166,11 +167,11 @@ def test_corruption_is_detected_logged_and_rebuilt(tmp_path: Path, caplog, corru
     entry = get_or_build("kc", build, cache_dir=tmp_path).path
     corrupt(entry)
 
-    with caplog.at_level(logging.WARNING, logger="inilora_hf.factorsets.cache"):
+    with caplog.at_level(logging.WARNING, logger=ENTRIES_LOGGER):
         res = get_or_build("kc", build, cache_dir=tmp_path)
     assert res.hit is False
     assert build.calls == 2
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "inilora_hf.factorsets.cache"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == ENTRIES_LOGGER]
     assert len(warnings) == 1
     msg = warnings[0].getMessage()
     assert "'kc'" in msg and str(entry) in msg and expected in msg

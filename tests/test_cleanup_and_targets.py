@@ -21,12 +21,12 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from inilora_hf import FactorSet, InitConfig, TargetModuleError, inilora_init
-from inilora_hf.factorsets import streaming
-from inilora_hf.factorsets.cache import exclusive_lock
 from inilora_hf.cli.app import main
 from inilora_hf.errors import OutputExistsError
-from inilora_hf.factorsets.format import METADATA_NAME
+from inilora_hf.factorsets import streaming
+from inilora_hf.factorsets.cache import exclusive_lock
 from inilora_hf.factorsets.fingerprint_memo import MEMO_DIR
+from inilora_hf.factorsets.format import METADATA_NAME
 from inilora_hf.factorsets.streaming import compute_streamed
 from inilora_hf.factorsets.targets import find_target_linears
 from tests.conftest import tiny_llama
