@@ -67,3 +67,32 @@ def replacing_output_dir(path: str | os.PathLike, *, overwrite: bool = False) ->
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new hidden sibling folder of `path` to write into; on success it replaces `path` atomically.
+
+    The folder is checked first (`check_output_dir`). On any error or interrupt the staged folder is removed and
+    `path` is left as it was; if the process stops between the two renames of a replacement, the old folder is
+    renamed back. `path` thus holds the old folder or the complete new one, never a part.
+
+    Example:
+        >>> with staged_output_dir("export-out", overwrite=True) as folder:     # doctest: +SKIP
+        ...     (folder / "config.json").write_text("{}")
+    """
+    target = check_output_dir(path, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    previous = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+    staged.mkdir()
+    try:
+        yield staged
+        if target.exists():
+            os.replace(target, previous)
+        os.replace(staged, target)
+    finally:
+        if previous.exists() and not target.exists():  # stopped between the two renames: keep the old folder
+            os.replace(previous, target)
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)

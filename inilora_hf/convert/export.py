@@ -24,11 +24,7 @@ This module writes the directories; the tensors come from `convert.merged` (`mer
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +34,7 @@ from peft import PeftModel
 from torch import nn
 
 from inilora_hf.log import get_logger
+from inilora_hf.output_dirs import staged_output_dir
 from inilora_hf.training.checkpoint import CARD_NAME, model_dtype
 
 from .card import export_card
@@ -101,7 +98,7 @@ def to_merged(
     state = merged_state_dict(peft_model, dtype=out_dtype, adapter_name=adapter_name)
     skeleton = plain_skeleton(base, out_dtype, getattr(peft_model, "base_inference_config", {}))
     check_keys(state, skeleton)
-    with _atomic_directory(output_dir, overwrite=overwrite) as tmp:
+    with staged_output_dir(output_dir, overwrite=overwrite) as tmp:
         skeleton.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -149,7 +146,7 @@ def to_lora(
     # Like PEFT's own save: without a task type, `auto_mapping` names the class for `AutoPeftModel`.
     auto_mapping = None if config.task_type else {"base_model_class": type(base).__name__,
                                                   "parent_library": type(base).__module__}
-    with _atomic_directory(output_dir, overwrite=overwrite) as tmp:
+    with staged_output_dir(output_dir, overwrite=overwrite) as tmp:
         save_torch_state_dict(
             state,
             tmp,
@@ -171,31 +168,6 @@ def _resolve(model: ModelOrCheckpoint, *, base_model: Any, tokenizer: Any) -> tu
     if base_model is not None:
         raise ValueError("`base_model` is only used with a checkpoint directory; a loaded model already has its base.")
     return require_peft(model), tokenizer
-
-
-@contextlib.contextmanager
-def _atomic_directory(output_dir: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `output_dir`; on success it replaces `output_dir`, on error it is removed."""
-    target = Path(output_dir)
-    if target.is_file():
-        raise FileExistsError(f"{target} is a file; give a directory path for the export.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -37,6 +37,7 @@ from inilora_hf.factorsets.factor_set import FactorSet
 from inilora_hf.factorsets.format import METADATA_NAME
 from inilora_hf.linalg.grouping import shape_groups
 from inilora_hf.log import get_logger
+from inilora_hf.output_dirs import staged_output_dir
 from inilora_hf.training.model_init import cache_key
 from inilora_hf.variants import ModuleFactors, get_variant
 from inilora_hf.variants.approximation import mean_by_type
@@ -198,19 +199,8 @@ def _publish(factor_set: FactorSet, output_dir: Path, *, overwrite: bool) -> Non
     """Save to a temporary sibling directory and rename it to `output_dir` (replacing an older factor set only if
     `overwrite`)."""
     _check_output_dir(output_dir, overwrite=overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{uuid.uuid4().hex}")
-    old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex}")
-    try:
-        factor_set.save_pretrained(tmp)
-        if output_dir.exists():
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-    finally:
-        if old.exists() and not output_dir.exists():  # interrupted between the two renames: keep the old one
-            os.replace(old, output_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    with staged_output_dir(output_dir, overwrite=True) as staged:
+        factor_set.save_pretrained(staged)
 
 
 def _clear_work_dir(work: Path, count: int) -> None:
