@@ -43,6 +43,7 @@ from inilora_hf.errors import BaseModelNotFoundError, FactorSetFormatError
 from inilora_hf.factorsets.checkpoint_files import load_pretrained, model_reference
 from inilora_hf.factorsets.compute import model_fingerprints
 from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.fingerprint import cache_key
 from inilora_hf.factorsets.format import library_versions
 from inilora_hf.hub.transport import is_hub_id
 from inilora_hf.log import get_logger
@@ -77,8 +78,6 @@ def init_metadata(model: PeftModel) -> dict[str, Any]:
         >>> init_metadata(inilora_init("./base")())["config_hash"]              # doctest: +SKIP
         '5f0c3a9e1d2b4c67'
     """
-    from .model_init import cache_key  # model_init imports this module
-
     factor_set = _factor_set_of(model)
     report = getattr(model, "init_report", None)
     base = model.get_base_model()

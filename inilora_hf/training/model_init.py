@@ -24,7 +24,7 @@ from inilora_hf.factorsets.checkpoint_files import (
 )
 from inilora_hf.factorsets.compute import compute_factor_set, default_device
 from inilora_hf.factorsets.factor_set import FactorSet
-from inilora_hf.factorsets.fingerprint import model_key, weight_fingerprint
+from inilora_hf.factorsets.fingerprint import cache_key, model_key, weight_fingerprint
 from inilora_hf.factorsets.fingerprint_memo import (
     checkpoint_identity,
     target_fingerprints,
@@ -38,11 +38,6 @@ from .calibration import CalibrationSource, calibrate, estimate_gradients
 from .checkpoint import attach_init_metadata
 
 logger = get_logger(__name__)
-
-
-def cache_key(base_key: str, config: InitConfig) -> str:
-    """Cache entry name: variant, rank, base-weight digest and config hash (readable and collision-safe)."""
-    return f"{config.variant}-r{config.rank}-{base_key}-{config.config_hash()}"
 
 
 class InitFunction:
