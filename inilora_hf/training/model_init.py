@@ -35,7 +35,7 @@ from inilora_hf.variants import get_variant
 from inilora_hf.variants.config import InitConfig, normalize_targets
 
 from .calibration import CalibrationSource, calibrate, estimate_gradients
-from .checkpoint import attach_init_metadata
+from .init_metadata import attach_init_metadata
 
 logger = get_logger(__name__)
 
