@@ -31,7 +31,7 @@ from .errors import (
 
 # Public name → the module that defines it, imported when the name is first used.
 _LAZY_EXPORTS = {
-    "load_trained": "training.checkpoint",
+    "load_trained": "training.trained_model",
     "InitConfig": "variants.config",
     "FactorSet": "factorsets.factor_set",
     "download_factor_set": "factorsets.publish",
@@ -51,7 +51,7 @@ _LAZY_EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .training.checkpoint import load_trained
+    from .training.trained_model import load_trained
     from .variants.config import InitConfig
     from .factorsets.factor_set import FactorSet
     from .factorsets.publish import download_factor_set, push_factor_set

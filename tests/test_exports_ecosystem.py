@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from inilora_hf import BaseModelNotFoundError, convert, inilora_init, load_trained
-from inilora_hf.training.checkpoint import INIT_METADATA_NAME, TRAINING_ADAPTER_INIT
 from inilora_hf.cli.app import main
+from inilora_hf.training.init_metadata import INIT_METADATA_NAME, TRAINING_ADAPTER_INIT
 from tests import helpers
 from tests.conftest import TINY_LLAMA, tiny_llama
 

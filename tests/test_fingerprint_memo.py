@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from inilora_hf import inilora_init
 from inilora_hf.factorsets import fingerprint_memo
-from inilora_hf.training import model_init
 from inilora_hf.factorsets.checkpoint_files import cached_checkpoint_dir
 from inilora_hf.factorsets.fingerprint_memo import MEMO_DIR, checkpoint_identity
+from inilora_hf.training import loading
 from tests.conftest import tiny_llama
 
 TARGETS = [f"model.layers.{layer}.self_attn.{proj}" for layer in range(2) for proj in ("q_proj", "v_proj")]
@@ -95,7 +95,7 @@ def test_rewritten_checkpoint_is_hashed_again_and_recomputed(tmp_path: Path, mon
 def test_spot_check_rejects_a_memo_recorded_for_other_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two checkpoints whose file identities collide (forced here) still get their own fingerprints."""
     colliding = {"files": [["/same/file", 1, 1, 1, 1]], "transformers": "x"}
-    monkeypatch.setattr(model_init, "checkpoint_identity", lambda *args, **kwargs: dict(colliding))
+    monkeypatch.setattr(loading, "checkpoint_identity", lambda *args, **kwargs: dict(colliding))
     _init(_saved_llama(tmp_path / "a", seed=0))()
     calls = _hashed(monkeypatch)
     other_init = _init(_saved_llama(tmp_path / "b", seed=1))

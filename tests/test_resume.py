@@ -16,8 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from inilora_hf import FactorSet, FactorSetMismatchError, inilora_init
-from inilora_hf.training.checkpoint import INIT_FACTORS_DIR, INIT_METADATA_NAME, load_trained
 from inilora_hf.trainer_callbacks import ExportCallback, InitReportCallback, run_dir
+from inilora_hf.training.init_metadata import INIT_FACTORS_DIR, INIT_METADATA_NAME
+from inilora_hf.training.trained_model import load_trained
 from tests.helpers import fp32_logits_tolerance
 from tests.test_convert import INPUT_IDS, logits_of, make_tiny_base
 
@@ -52,7 +53,7 @@ spec = json.loads(sys.argv[2])
 import torch
 from transformers import AutoModelForCausalLM
 from inilora_hf import convert
-from inilora_hf.training.checkpoint import load_trained
+from inilora_hf.training.trained_model import load_trained
 from inilora_hf.trainer_callbacks import ExportCallback
 from tests.test_resume import make_trainer, lora_state, losses
 from tests.test_convert import logits_of

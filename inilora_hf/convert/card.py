@@ -7,7 +7,7 @@ from peft import PeftModel
 
 from inilora_hf.adapters.tasks import task_classes
 from inilora_hf.hub.transport import is_hub_id
-from inilora_hf.training.checkpoint import trained_base
+from inilora_hf.training.init_metadata import trained_base
 from inilora_hf.variants import get_variant
 
 from .trained import require_factor_set, require_peft

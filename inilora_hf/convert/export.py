@@ -35,7 +35,7 @@ from torch import nn
 
 from inilora_hf.log import get_logger
 from inilora_hf.output_dirs import staged_output_dir
-from inilora_hf.training.checkpoint import CARD_NAME, model_dtype
+from inilora_hf.training.init_metadata import CARD_NAME, model_dtype
 
 from .card import export_card
 from .lora import standard_lora

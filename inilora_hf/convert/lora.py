@@ -17,7 +17,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from inilora_hf.adapters.loraxs import fold_cores, initial_lora_B
 from inilora_hf.adapters.tasks import task_classes
 from inilora_hf.factorsets.factor_set import FactorSet
-from inilora_hf.training.checkpoint import trained_base
+from inilora_hf.training.init_metadata import trained_base
 from inilora_hf.variants import get_variant
 
 from .trained import require_factor_set, require_peft

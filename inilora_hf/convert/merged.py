@@ -15,7 +15,7 @@ from torch import nn
 
 from inilora_hf.adapters.loraxs import folded_lora_B, is_loraxs
 from inilora_hf.factorsets.targets import read_weight
-from inilora_hf.training.checkpoint import model_dtype
+from inilora_hf.training.init_metadata import model_dtype
 
 from .trained import require_peft
 

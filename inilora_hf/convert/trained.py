@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from inilora_hf.factorsets.factor_set import FactorSet
-from inilora_hf.training.checkpoint import load_trained
+from inilora_hf.training.trained_model import load_trained
 
 
 def load_checkpoint(

@@ -1,4 +1,5 @@
-"""Base-weight fingerprints: an exact content hash, plus a small sketch that survives dtype rounding.
+"""Base-weight fingerprints: an exact content hash, plus a small sketch that survives dtype rounding; the cache
+key built from them.
 
 The hash identifies the exact tensor (it keys the cache). The sketch, `uᵢᵀ·W·vᵢ` for 16 fixed random
 probe pairs, lets a factor set computed from fp32 weights be applied to the same checkpoint loaded in
@@ -11,6 +12,8 @@ import hashlib
 from typing import Any
 
 import torch
+
+from inilora_hf.variants.config import InitConfig
 
 SKETCH_PROBES = 16
 SKETCH_TOLERANCE = 2e-2
@@ -69,3 +72,14 @@ def model_key(fingerprints: dict[str, dict[str, Any]]) -> str:
     for name in sorted(fingerprints):
         digest.update(f"{name}:{fingerprints[name]['sha256']};".encode())
     return digest.hexdigest()[:16]
+
+
+def cache_key(base_key: str, config: InitConfig) -> str:
+    """Cache entry name: variant, rank, base-weight digest (`model_key`) and config hash (readable and
+    collision-safe).
+
+    Example:
+        >>> cache_key("0123456789abcdef", InitConfig(variant="pissa", rank=4))[:26]
+        'pissa-r4-0123456789abcdef-'
+    """
+    return f"{config.variant}-r{config.rank}-{base_key}-{config.config_hash()}"

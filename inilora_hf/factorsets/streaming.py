@@ -38,7 +38,6 @@ from inilora_hf.factorsets.format import METADATA_NAME
 from inilora_hf.linalg.grouping import shape_groups
 from inilora_hf.log import get_logger
 from inilora_hf.output_dirs import staged_output_dir
-from inilora_hf.training.model_init import cache_key
 from inilora_hf.variants import ModuleFactors, get_variant
 from inilora_hf.variants.approximation import mean_by_type
 from inilora_hf.variants.config import InitConfig
@@ -46,7 +45,7 @@ from inilora_hf.variants.config import InitConfig
 from .cache import exclusive_lock, resumable_dir
 from .checkpoint_files import checkpoint_files, resolve_checkpoint
 from .compute import default_device, provenance, run_variant
-from .fingerprint import model_key, weight_fingerprint
+from .fingerprint import cache_key, model_key, weight_fingerprint
 from .report import fit_statistics
 from .targets import check_rank, find_target_linears
 
