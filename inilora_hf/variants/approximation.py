@@ -22,8 +22,9 @@ from inilora_hf.linalg.grouping import shape_groups, stack
 
 from ..log import get_logger
 from .citations import INILORA
+from .inputs import VariantInputs
 from .random import draw_factors
-from .registry import ModuleFactors, VariantInputs, register_variant, require
+from .registry import ModuleFactors, register_variant, require
 from .svd import singular_factors
 
 logger = get_logger(__name__)

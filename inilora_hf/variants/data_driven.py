@@ -19,7 +19,8 @@ import torch
 from inilora_hf.linalg.grouping import shape_groups, stack
 
 from .citations import LORA_SB
-from .registry import ModuleFactors, VariantInputs, register_variant, require
+from .inputs import VariantInputs
+from .registry import ModuleFactors, register_variant, require
 
 # The key of the LoRA-XS core in `ModuleFactors.extra`; `inilora_hf.loraxs.CORE_KEY` (not imported: that
 # module imports PEFT, which a variant must not need).

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .citations import INILORA, LORA
-from .registry import ModuleFactors, VariantInputs, register_variant, require
+from .inputs import VariantInputs
+from .registry import ModuleFactors, register_variant, require
 
 DrawFn = Callable[[str, torch.Tensor, torch.Tensor, torch.Generator], None]
 
