@@ -255,7 +255,9 @@ def benchmark(problem: Problem, device: torch.device, steps: int) -> list[Row]:
     with _measure(device) as measured:
         factors = _run_stacked(problem, device, randomized)
     sketched = _products(factors)
-    record("randomized_svd_factors (niter=8, oversample=8)", measured, None, sketched, _max_delta(sketched, exact, "svd"))
+    record(
+        "randomized_svd_factors (niter=8, oversample=8)", measured, None, sketched, _max_delta(sketched, exact, "svd")
+    )
 
     for init in ("pissa", "pissa_niter_4"):
         products, measured = _run_peft(problem, device, init)

@@ -105,12 +105,15 @@ def apply_factor_set(
     if cores:
         logger.info(
             "LoRA-XS: only the r×r cores train: %d modules × r² = %d trainable parameters (A and B frozen).",
-            cores, core_parameters,
+            cores,
+            core_parameters,
         )
     return report
 
 
-def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_name: str, residual: bool) -> ModuleReport:
+def _apply_module(
+    layer: LoraLayer, factor_set: FactorSet, name: str, adapter_name: str, residual: bool
+) -> ModuleReport:
     factors = factor_set.factors[name]
     scaling = layer.scaling[adapter_name]
     if abs(scaling - factor_set.config.scaling) > 1e-12 * max(1.0, scaling):
@@ -135,14 +138,20 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
     adapter_dtype = getattr(torch, quantization["adapter_dtype"]) if bnb_bits(base) and quantization else None
     with gather_params_ctx(base.weight):
         # copy=True: the LoRA parameters must not share storage with the factor set (training would write into A0/B0)
-        lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=adapter_dtype or lora_A.dtype, copy=True).contiguous()
-        lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=adapter_dtype or lora_B.dtype, copy=True).contiguous()
+        lora_A.data = factors.lora_A.to(
+            device=lora_A.device, dtype=adapter_dtype or lora_A.dtype, copy=True
+        ).contiguous()
+        lora_B.data = factors.lora_B.to(
+            device=lora_B.device, dtype=adapter_dtype or lora_B.dtype, copy=True
+        ).contiguous()
         folded_B, fp32_A = lora_B.float(), lora_A.float()
         if CORE_KEY in factors.extra:  # LoRA-XS: s·B·R·A, only R trains
             folded_B = folded_B @ attach_core(layer, adapter_name, factors.extra[CORE_KEY]).weight.float()
         if quantized:
             residual_fp32 = factors.extra[RESIDUAL_KEY].to(folded_B.device, torch.float32)
-            weight = torch.addmm(residual_fp32, folded_B, fp32_A, alpha=scaling)  # W0 as recorded: R came from these factors
+            weight = torch.addmm(
+                residual_fp32, folded_B, fp32_A, alpha=scaling
+            )  # W0 as recorded: R came from these factors
             store_quantized(base, residual_fp32)
             stored_weight = read_weight(base)
             max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=stored_weight)
@@ -174,7 +183,10 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
             logger.warning(
                 "%s: the quantized init is %.1f× further from W0 than plain QLoRA (‖Q(R) + s·B·A − W0‖/‖W0‖ = %.3g vs "
                 "‖Q(W0) − W0‖/‖W0‖ = %.3g). Consider refine_steps>0, a smaller init scale, or a full-precision base.",
-                name, quality.ratio, quality.init_error, quality.qlora_error,
+                name,
+                quality.ratio,
+                quality.init_error,
+                quality.qlora_error,
             )
     return report
 

@@ -74,7 +74,9 @@ class LoraXSVariant(LoraVariant):
         return orig_weight - LoraXSVariant.delta_weight(module, active_adapter).to(orig_weight)
 
     @staticmethod
-    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(
+        module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         core = module.lora_core[active_adapter]
@@ -93,7 +95,11 @@ def attach_core(layer: LoraLayer, adapter_name: str, core: torch.Tensor) -> nn.L
         >>> layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj                 # doctest: +SKIP
         >>> attach_core(layer, "default", torch.eye(4))                                           # doctest: +SKIP
     """
-    if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A or not isinstance(layer.lora_A[adapter_name], nn.Linear):
+    if (
+        not isinstance(layer, LoraLayer)
+        or adapter_name not in layer.lora_A
+        or not isinstance(layer.lora_A[adapter_name], nn.Linear)
+    ):
         raise TypeError(
             f"LoRA-XS needs a PEFT LoRA Linear layer with adapter {adapter_name!r}; got {type(layer).__name__}. "
             "Target nn.Linear modules only."

@@ -78,10 +78,15 @@ def store_quantized(module: nn.Module, weight: torch.Tensor) -> None:
     if bnb_bits(module) == 4:
         old = module.weight
         module.weight = bnb.nn.Params4bit(
-            weight.float().cpu(), requires_grad=False, module=module, **{key: getattr(old, key) for key in QUANT_KEYS_4BIT}
+            weight.float().cpu(),
+            requires_grad=False,
+            module=module,
+            **{key: getattr(old, key) for key in QUANT_KEYS_4BIT},
         ).to(device)
     else:
-        module.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+        module.weight = bnb.nn.Int8Params(
+            weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False
+        ).to(device)
         module.state.SCB = None  # forward takes the new row scales from the new weight
 
 
@@ -121,7 +126,9 @@ class Fidelity:
         return self.init_error / self.qlora_error if self.qlora_error > 0 else float("inf")
 
 
-def fidelity(weight: torch.Tensor, quantized_residual: torch.Tensor, delta: torch.Tensor, settings: dict[str, Any]) -> Fidelity:
+def fidelity(
+    weight: torch.Tensor, quantized_residual: torch.Tensor, delta: torch.Tensor, settings: dict[str, Any]
+) -> Fidelity:
     """`‖deq(Q(R)) + s·B·A − W0‖ / ‖W0‖` next to `‖deq(Q(W0)) − W0‖ / ‖W0‖`, all in fp32."""
     norm = weight.norm().clamp_min(1e-30)
     return Fidelity(

@@ -203,7 +203,7 @@ def _configuration(factor_set: FactorSetData) -> str:
     return f"""
 ## Configuration
 
-LoRA scaling `s = {config.scaling:g}` ({'lora_alpha / sqrt(r)' if config.use_rslora else 'lora_alpha / r'}).
+LoRA scaling `s = {config.scaling:g}` ({"lora_alpha / sqrt(r)" if config.use_rslora else "lora_alpha / r"}).
 The exact `InitConfig`:
 
 ```json

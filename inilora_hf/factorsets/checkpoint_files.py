@@ -109,8 +109,16 @@ def _hub_cause(error: BaseException) -> BaseException | None:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
-                                LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        if isinstance(
+            current,
+            (
+                HFValidationError,
+                RepositoryNotFoundError,
+                RevisionNotFoundError,
+                LocalEntryNotFoundError,
+                OfflineModeIsEnabled,
+            ),
+        ):
             return current
         current = current.__cause__ or current.__context__
     return None
@@ -139,7 +147,9 @@ def _base_model_problem(model: str, revision: str | None, cause: BaseException |
             "tag or commit sha as `revision=`."
         )
     if isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        offline = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else f"{endpoint} cannot be reached"
+        offline = (
+            "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else f"{endpoint} cannot be reached"
+        )
         return (
             f"Base model {model!r} (revision {revision or 'main'!r}) is not in the local Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) and {offline}. Download it once while online (`hf download {model}`), "

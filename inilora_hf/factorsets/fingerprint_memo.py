@@ -135,7 +135,11 @@ def _read_memo(path: Path, checkpoint: dict[str, Any]) -> dict[str, dict[str, An
     except (OSError, ValueError) as error:
         logger.warning("Ignoring the unreadable fingerprint memo %s (%s); the weights are hashed again.", path, error)
         return {}
-    if not isinstance(document, dict) or document.get("format") != MEMO_FORMAT or document.get("checkpoint") != checkpoint:
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != MEMO_FORMAT
+        or document.get("checkpoint") != checkpoint
+    ):
         return {}
     records = document.get("modules")
     return records if isinstance(records, dict) else {}

@@ -154,7 +154,11 @@ class FactorSetData:
         }
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, include_residual: bool | None = None, max_shard_size: int | str = "2GB"
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        include_residual: bool | None = None,
+        max_shard_size: int | str = "2GB",
     ) -> Path:
         """Write the factor set as safetensors + `inilora_factors.json` into `save_directory`.
 
@@ -262,4 +266,3 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def now_iso() -> str:
     """The current UTC time in ISO 8601, for provenance fields."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-

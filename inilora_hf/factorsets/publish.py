@@ -315,7 +315,9 @@ def _download_once(
     next try, or a later run, downloads it again instead of trusting it."""
     cache = Path(cache_dir) if cache_dir is not None else None
     metadata_file = Path(
-        api.hf_hub_download(repo_id, METADATA_NAME, revision=revision, cache_dir=cache, local_files_only=local_files_only)
+        api.hf_hub_download(
+            repo_id, METADATA_NAME, revision=revision, cache_dir=cache, local_files_only=local_files_only
+        )
     )
     snapshot = metadata_file.parent
     commit = snapshot_commit(snapshot) or revision

@@ -179,10 +179,13 @@ def _inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     factors = {}
     steps = options["steps"]
     # One bar counts the steps of every shape group; its label says so, so that the total agrees with `steps`.
-    label = f"IniLoRA fit: {len(groups)} shape groups × {steps} steps" if len(groups) > 1 else f"IniLoRA fit: {steps} steps"
-    with few_threads_for_small_work(inputs.weights, inputs.device), tqdm(
-        total=steps * len(groups), desc=label, unit="step", disable=steps == 0
-    ) as progress:
+    label = (
+        f"IniLoRA fit: {len(groups)} shape groups × {steps} steps" if len(groups) > 1 else f"IniLoRA fit: {steps} steps"
+    )
+    with (
+        few_threads_for_small_work(inputs.weights, inputs.device),
+        tqdm(total=steps * len(groups), desc=label, unit="step", disable=steps == 0) as progress,
+    ):
         for names in groups:
             result = adam_fit(
                 stack(targets, names, device=inputs.device),
@@ -197,8 +200,8 @@ def _inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
                 progress=progress,
             )
             if result.steps_run < options["steps"]:
-                logger.info("IniLoRA fit of %s stopped early at step %d (tol=%s).", names, result.steps_run, options["tol"])
-            factors.update(
-                {n: ModuleFactors(result.A[i].cpu(), result.B[i].cpu()) for i, n in enumerate(names)}
-            )
+                logger.info(
+                    "IniLoRA fit of %s stopped early at step %d (tol=%s).", names, result.steps_run, options["tol"]
+                )
+            factors.update({n: ModuleFactors(result.A[i].cpu(), result.B[i].cpu()) for i, n in enumerate(names)})
     return factors

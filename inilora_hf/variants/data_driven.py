@@ -41,7 +41,9 @@ def _check_lora_sb(options: dict) -> None:
     )
 
 
-def truncated_svd_factors(update: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd_factors(
+    update: torch.Tensor, rank: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-XS factors of the best rank-`rank` approximation of each matrix of a `(L, out, in)` stack.
 
     Exact fp32 SVD `update = U·diag(S)·Vᵀ`; returns `B = U_r` `(L, out, r)`, `core = diag(S_r) / scaling`

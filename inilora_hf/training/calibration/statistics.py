@@ -66,13 +66,19 @@ def estimate_gradients(
             parameter.requires_grad_(False)
         for name, weight in weights.items():
             if not weight.is_floating_point():
-                raise ValueError(f"The weight of {name!r} is {weight.dtype}; gradients need a floating-point base model.")
+                raise ValueError(
+                    f"The weight of {name!r} is {weight.dtype}; gradients need a floating-point base model."
+                )
             weight.grad = None
             weight.requires_grad_(True)
         for group in owners.values():
-            handles.append(weights[group[0]].register_post_accumulate_grad_hook(partial(_accumulate, [sums[n] for n in group])))
+            handles.append(
+                weights[group[0]].register_post_accumulate_grad_hook(partial(_accumulate, [sums[n] for n in group]))
+            )
         model.train()
-        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        rng_devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         with torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(0)
             for index, batch in enumerate(batches):
