@@ -111,6 +111,12 @@ def init_costs(
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def _cell(times: dict[tuple[str, bool], float], name: str, forward: bool) -> str:
+    """`name`'s time and its overhead over the bare load, e.g. `1.234 (+5 %)`."""
+    base = times[("load", forward)]
+    return f"{times[(name, forward)]:.3f} ({100 * (times[(name, forward)] - base) / base:+.0f} %)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
@@ -163,15 +169,11 @@ def main() -> None:
             t = init_costs(config, saved_dtype, load_dtype, args.repeats)
             lazy = "mmap" if saved_dtype == load_dtype else "copy"
             for forward in (False, True):
-
-                def cell(name: str) -> str:
-                    base = t[("load", forward)]
-                    return f"{t[(name, forward)]:.3f} ({100 * (t[(name, forward)] - base) / base:+.0f} %)"
-
+                cells = " | ".join(_cell(t, name, forward) for name in ("peft", "remembered", "hashed"))
                 print(
                     f"| hidden {hidden}, {layers} layers ({params:.0f} M) | {str(saved_dtype)[6:]} → "
                     f"{str(load_dtype)[6:]} ({lazy}) | {'1-token forward' if forward else '—'} "
-                    f"| {t[('load', forward)]:.3f} | {cell('peft')} | {cell('remembered')} | {cell('hashed')} |"
+                    f"| {t[('load', forward)]:.3f} | {cells} |"
                 )
 
 

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, inilora_init
-from inilora_hf.convert.export import to_lora, to_merged
 from inilora_hf.cli.demo import build_demo_base, demo_dataset
+from inilora_hf.convert.export import to_lora, to_merged
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None, help="Hub id or directory (default: a tiny Llama built locally)")

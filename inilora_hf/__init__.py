@@ -43,9 +43,6 @@ from .variants import (
 __all__ = [
     "BaseModelNotFoundError",
     "ExportCallback",
-    "InitReportCallback",
-    "PushStandardCheckpointCallback",
-    "load_trained",
     "FactorSet",
     "FactorSetCorruptError",
     "FactorSetError",
@@ -57,7 +54,9 @@ __all__ = [
     "InitConfig",
     "InitFunction",
     "InitReport",
+    "InitReportCallback",
     "ModuleFactors",
+    "PushStandardCheckpointCallback",
     "SFTTrainer",
     "TargetModuleError",
     "VariantInputs",
@@ -66,6 +65,7 @@ __all__ = [
     "download_factor_set",
     "get_variant",
     "inilora_init",
+    "load_trained",
     "push_factor_set",
     "register_variant",
 ]

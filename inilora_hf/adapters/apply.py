@@ -149,9 +149,8 @@ def _apply_module(
             folded_B = folded_B @ attach_core(layer, adapter_name, factors.extra[CORE_KEY]).weight.float()
         if quantized:
             residual_fp32 = factors.extra[RESIDUAL_KEY].to(folded_B.device, torch.float32)
-            weight = torch.addmm(
-                residual_fp32, folded_B, fp32_A, alpha=scaling
-            )  # W0 as recorded: R came from these factors
+            # W0 as recorded: R came from these factors
+            weight = torch.addmm(residual_fp32, folded_B, fp32_A, alpha=scaling)
             store_quantized(base, residual_fp32)
             stored_weight = read_weight(base)
             max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=stored_weight)

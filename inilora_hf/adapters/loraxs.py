@@ -119,7 +119,7 @@ def attach_core(layer: LoraLayer, adapter_name: str, core: torch.Tensor) -> nn.L
     if CORE_KEY not in layer.adapter_layer_names:
         layer.lora_core = nn.ModuleDict()
         # An instance attribute, as PEFT's KaSA does: only layers with a core gain the container.
-        layer.adapter_layer_names = layer.adapter_layer_names + (CORE_KEY,)
+        layer.adapter_layer_names = (*layer.adapter_layer_names, CORE_KEY)
     module = nn.Linear(rank, rank, bias=False, device=lora_A.device, dtype=lora_A.dtype)
     with torch.no_grad():
         # copy=True: training must never write into the factor set's tensor.
@@ -143,7 +143,8 @@ def folded_lora_B(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
     """`lora_B` of the standard LoRA that computes what the layer computes, fp32: `B·R` for LoRA-XS, else `B`.
 
     Example:
-        >>> delta = layer.scaling["default"] * folded_lora_B(layer, "default") @ layer.lora_A["default"].weight   # doctest: +SKIP
+        >>> B = folded_lora_B(layer, "default")                                                # doctest: +SKIP
+        >>> delta = layer.scaling["default"] * B @ layer.lora_A["default"].weight              # doctest: +SKIP
     """
     lora_B = layer.lora_B[adapter_name].weight.detach().float()
     if not is_loraxs(layer, adapter_name):
@@ -172,7 +173,8 @@ def count_core_parameters(model: nn.Module, *, adapter_name: str = "default") ->
     """`(modules, parameters)`: how many LoRA-XS cores `model` has and their total size (r² each).
 
     Example:
-        >>> count_core_parameters(inilora_init("./base", variant="lora-sb", eta=1e-4, calibration_data=ds)())   # doctest: +SKIP
+        >>> model = inilora_init("./base", variant="lora-sb", eta=1e-4, calibration_data=ds)()   # doctest: +SKIP
+        >>> count_core_parameters(model)                                                        # doctest: +SKIP
         (4, 256)
     """
     cores = [m.lora_core[adapter_name] for m in model.modules() if is_loraxs(m, adapter_name)]

@@ -57,7 +57,7 @@ def task_classes(model: nn.Module, task_type: str | None = None) -> TaskClasses:
     Example:
         >>> from transformers import LlamaConfig, LlamaForSequenceClassification
         >>> task_classes(LlamaForSequenceClassification(LlamaConfig(hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=1, num_attention_heads=2, vocab_size=32)))             # doctest: +NORMALIZE_WHITESPACE
+        ...     num_hidden_layers=1, num_attention_heads=2, vocab_size=32)))  # doctest: +NORMALIZE_WHITESPACE
         TaskClasses(task_type='SEQ_CLS', auto_model='AutoModelForSequenceClassification',
                     auto_peft_model='AutoPeftModelForSequenceClassification')
     """

@@ -101,6 +101,12 @@ def _intro(factor_set: FactorSetData, repo_id: str, base: str | None) -> str:
         else f"| `factors*.safetensors` | also `<module>.{'`, `<module>.'.join(sorted(factor_set.variant_extras))}`: "
         "variant tensors a plain LoRA adapter cannot hold, so there is no `init_adapter/` |\n"
     )
+    file_rows = (
+        "| `inilora_factors.json` | the InitConfig, the base model's identity and per-module weight fingerprints, "
+        "fit statistics, checksums |\n"
+        "| `factors*.safetensors` | `<module>.lora_A` `(r, in)` and `<module>.lora_B` `(out, r)` in fp32, for "
+        f"{len(factor_set.factors)} modules |\n"
+    )
     return f"""
 # {repo_id.split("/")[-1]}
 
@@ -114,9 +120,7 @@ initialisation is computed once and reused across runs. {spec.description}
 
 | file | content |
 |---|---|
-| `inilora_factors.json` | the InitConfig, the base model's identity and per-module weight fingerprints, fit statistics, checksums |
-| `factors*.safetensors` | `<module>.lora_A` `(r, in)` and `<module>.lora_B` `(out, r)` in fp32, for {len(factor_set.factors)} modules |
-{adapter_row}"""
+{file_rows}{adapter_row}"""
 
 
 def _usage(factor_set: FactorSetData, repo_id: str) -> str:

@@ -204,7 +204,7 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
     single = directory / SAFETENSORS_SINGLE
     if single.is_file():
         with safe_open(str(single), framework="pt") as handle:
-            return {key: single for key in handle.keys()}
+            return dict.fromkeys(handle.keys(), single)
     raise FileNotFoundError(
         f"No {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} in {directory}: streamed computation reads safetensors "
         "checkpoints only. Re-save the model with `save_pretrained(..., safe_serialization=True)`, or use "

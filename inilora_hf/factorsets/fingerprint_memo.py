@@ -9,8 +9,9 @@ unchanged files reuses them after a spot check: the sha256 of a few rows of each
 recorded one. Rewriting, replacing or even `touch`-ing a file changes its ctime, so its weights are hashed
 again.
 
-Only plain loads are remembered: a loaded `nn.Module`, quantized loads (`quantization_config`), and `from_pretrained` arguments that
-could change the weights without touching the files (`subfolder`, `state_dict`, remote code, ...) always hash.
+Only plain loads are remembered: a loaded `nn.Module`, quantized loads (`quantization_config`), and
+`from_pretrained` arguments that could change the weights without touching the files (`subfolder`, `state_dict`,
+remote code, ...) always hash.
 """
 
 from __future__ import annotations

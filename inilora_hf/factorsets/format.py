@@ -223,7 +223,9 @@ class FactorSetData:
                 lora_A = tensors.pop(f"{module}.lora_A")
                 lora_B = tensors.pop(f"{module}.lora_B")
             except KeyError as error:
-                raise FactorSetCorruptError(f"{path} has no tensor {error.args[0]!r}; the factor set is incomplete.")
+                raise FactorSetCorruptError(
+                    f"{path} has no tensor {error.args[0]!r}; the factor set is incomplete."
+                ) from None
             prefix = f"{module}."
             extra = {k[len(prefix) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
             factors[module] = ModuleFactors(lora_A, lora_B, extra)

@@ -29,7 +29,8 @@ def module_generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator seeded from `(seed, module name)`: the same draws wherever and whenever the module is drawn.
 
     Example:
-        >>> torch.equal(torch.randn(3, generator=module_generator(0, "q")), torch.randn(3, generator=module_generator(0, "q")))
+        >>> first = torch.randn(3, generator=module_generator(0, "q"))
+        >>> torch.equal(first, torch.randn(3, generator=module_generator(0, "q")))
         True
     """
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()

@@ -95,7 +95,7 @@ def estimate_gradients(
     finally:
         for handle in handles:
             handle.remove()
-        for parameter, flag in zip(parameters, flags):
+        for parameter, flag in zip(parameters, flags, strict=True):
             parameter.requires_grad_(flag)
         for name, weight in weights.items():
             weight.grad = saved_grads[name]
@@ -114,7 +114,8 @@ def input_covariances(
     mask; the returned dict also has `"__tokens__"`, the number of tokens counted.
 
     Example:
-        >>> cov = input_covariances(model, calibration_set(rows, samples=8).batches, ["model.layers.0.mlp.down_proj"])  # doctest: +SKIP
+        >>> batches = calibration_set(rows, samples=8).batches                                # doctest: +SKIP
+        >>> cov = input_covariances(model, batches, ["model.layers.0.mlp.down_proj"])          # doctest: +SKIP
     """
     names = list(target_names)
     sums = {name: None for name in names}
