@@ -16,11 +16,12 @@ from inilora_hf.factorsets.format import RESIDUAL_KEY
 from inilora_hf.factorsets.lora_config import lora_config_for
 from inilora_hf.factorsets.report import InitReport, ModuleReport
 from inilora_hf.factorsets.targets import read_weight
+from inilora_hf.linalg.bnb import bnb_bits, store_quantized
 from inilora_hf.log import get_logger
 from inilora_hf.variants import get_variant
 
 from .loraxs import CORE_KEY, attach_core, count_core_parameters
-from .quantized import bnb_bits, fidelity, store_quantized
+from .quantized import fidelity
 
 logger = get_logger(__name__)
 

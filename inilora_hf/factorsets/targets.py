@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from inilora_hf.errors import TargetModuleError
+from inilora_hf.linalg.bnb import bnb_bits, dequantize
 
 ALL_LINEAR = "all-linear"
 
@@ -105,8 +106,6 @@ def check_rank(modules: dict[str, nn.Linear], rank: int) -> None:
 
 def read_weight(module: nn.Linear) -> torch.Tensor:
     """The module's weight `W0` as fp32 `(out, in)` (dequantized for bitsandbytes layers)."""
-    from inilora_hf.adapters.quantized import bnb_bits, dequantize
-
     if bnb_bits(module) is not None:
         return dequantize(module)
     return module.weight.detach().float()
