@@ -36,7 +36,8 @@ def layer_settings(module: nn.Module) -> dict[str, Any]:
         settings["quant_storage"] = str(settings["quant_storage"]).removeprefix("torch.")
         return settings
     if bits == 8:
-        return {"bits": 8, "threshold": float(module.state.threshold)}
+        layer_state: Any = module.state  # bitsandbytes' MatmulLtState
+        return {"bits": 8, "threshold": float(layer_state.threshold)}
     return {"bits": None}
 
 
@@ -74,6 +75,11 @@ def quantization_ready(
     rank-r SVD, so that `deq(Q(R)) + s·B·A` moves closer to `W0` than one-shot requantization.
     """
     settings = config.quantization
+    if settings is None:
+        raise ValueError(
+            "quantization_ready needs an InitConfig with `quantization` settings (the base's bitsandbytes layers); "
+            "build it through inilora_init(..., quantization_config=...)."
+        )
     residual_variant = get_variant(config.variant).residual
     adapter_dtype = getattr(torch, settings["adapter_dtype"])
     scaling, rank = config.scaling, config.rank

@@ -6,6 +6,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import PurePosixPath
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -44,12 +45,13 @@ def factor_set_card(
     spec = get_variant(config.variant)
     base = factor_set.base_model if link_base_model and is_hub_id(factor_set.base_model) else None
     tags = list(dict.fromkeys(["inilora", "lora", "peft", config.variant, "lora-initialization"]))
+    relation: dict[str, Any] = {"base_model_relation": "adapter"} if base else {}
     data = ModelCardData(
         base_model=base,
         library_name="peft",
         license=license,
         tags=tags,
-        **({"base_model_relation": "adapter"} if base else {}),
+        **relation,
         inilora={
             "variant": config.variant,
             "rank": config.rank,

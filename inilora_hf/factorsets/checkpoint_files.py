@@ -228,5 +228,6 @@ def cached_checkpoint_dir(
     text = str(model)
     if not _hub_id_shaped(text):
         return None
-    config = try_to_load_from_cache(text, "config.json", cache_dir=cache_dir, revision=revision)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    config = try_to_load_from_cache(text, "config.json", cache_dir=cache, revision=revision)
     return Path(config).parent if isinstance(config, str) else None

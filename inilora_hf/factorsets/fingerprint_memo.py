@@ -20,8 +20,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import transformers
@@ -80,7 +81,7 @@ def spot_digest(weight: torch.Tensor) -> str:
 
 
 def target_fingerprints(
-    modules: dict[str, nn.Module],
+    modules: Mapping[str, nn.Linear],
     checkpoint: dict[str, Any] | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
@@ -114,7 +115,7 @@ def target_fingerprints(
     return fingerprints
 
 
-def _matches(record: Any, spot: str, weight: torch.Tensor) -> bool:
+def _matches(record: Any, spot: str, weight: torch.Tensor) -> TypeGuard[dict[str, Any]]:
     """A remembered record is used only if it is well-formed and its spot digest and shape match the weight."""
     if not isinstance(record, dict) or record.get("spot") != spot or not isinstance(record.get("fingerprint"), dict):
         return False

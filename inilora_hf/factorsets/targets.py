@@ -43,7 +43,8 @@ def find_target_linears(
         ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
     """
     if target_modules == ALL_LINEAR:
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_output_embeddings = getattr(model, "get_output_embeddings", None)
+        output = get_output_embeddings() if get_output_embeddings is not None else None
         found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output}
     else:
         matcher = LoraConfig(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))

@@ -8,7 +8,7 @@ that full-precision use never loads it. Its parameters carry their quantization 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.utils.integrations import get_bnb_param_type
@@ -70,7 +70,7 @@ def store_quantized(module: nn.Module, weight: torch.Tensor) -> None:
         new = bnb.nn.Params4bit(
             weight.float().cpu(),
             requires_grad=False,
-            module=module,
+            module=cast("bnb.nn.Linear4bit", module),
             **{key: getattr(old, key) for key in QUANT_KEYS_4BIT},
         )
         module.weight = new.to(old.device)

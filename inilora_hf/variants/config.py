@@ -92,7 +92,8 @@ class InitConfig:
     @property
     def scaling(self) -> float:
         """The LoRA scaling `s` that multiplies `B @ A` (PEFT's `alpha / r`, or `alpha / sqrt(r)` with rsLoRA)."""
-        return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        alpha = self.rank if self.lora_alpha is None else self.lora_alpha  # None only before __post_init__
+        return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict, including the format version."""

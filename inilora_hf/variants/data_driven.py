@@ -84,8 +84,8 @@ def lora_sb(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     eta = options["eta"]
     if eta is None:
         raise ValueError("lora-sb needs `eta` (the learning rate of the first optimizer step): pass `eta=...`.")
-    gradients = inputs.gradients
-    missing = sorted(set(inputs.weights) - set(gradients or {}))
+    gradients = inputs.gradients or {}
+    missing = sorted(set(inputs.weights) - set(gradients))
     if missing:
         raise ValueError(f"lora-sb got no gradient for {missing[:3]}; the calibration pass did not reach them.")
     rank, scaling = inputs.config.rank, inputs.config.scaling
