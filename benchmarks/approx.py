@@ -104,12 +104,12 @@ def _llama7b(count: int) -> tuple[str, list[str], list[Tensor]]:
 def _init_factors(problem: Problem, seed: int) -> None:
     """IniLoRA init: σ̄ per module type = mean over layers of std(W), rounded to 3 decimals."""
     kinds = [name.rsplit(".", 1)[-1] for name in problem.names]
-    sigma = {
-        kind: round(sum(W.std().item() for k, W in zip(kinds, problem.weights) if k == kind) / kinds.count(kind), 3)
-        for kind in set(kinds)
-    }
+    stds_by_kind: dict[str, list[float]] = {}
+    for kind, W in zip(kinds, problem.weights, strict=True):
+        stds_by_kind.setdefault(kind, []).append(W.std().item())
+    sigma = {kind: round(sum(stds) / len(stds), 3) for kind, stds in stds_by_kind.items()}
     generator = torch.Generator().manual_seed(seed)
-    for kind, W in zip(kinds, problem.weights):
+    for kind, W in zip(kinds, problem.weights, strict=True):
         problem.B0.append(sigma[kind] * torch.randn(W.shape[0], RANK, generator=generator))
         problem.A0.append(sigma[kind] * torch.randn(RANK, W.shape[1], generator=generator))
 
@@ -156,7 +156,7 @@ Factors = list[tuple[Tensor, Tensor]]
 
 def _run_reference(problem: Problem, device: torch.device, steps: int) -> Factors:
     factors = []
-    for W, B0, A0 in zip(problem.weights, problem.B0, problem.A0):
+    for W, B0, A0 in zip(problem.weights, problem.B0, problem.A0, strict=True):
         B, A, _ = reference_fit(W.to(device), B0.to(device), A0.to(device), steps)
         factors.append((B, A))
     return factors
@@ -181,7 +181,7 @@ def _products(factors: Factors) -> list[Tensor]:
 def _peft_module(problem: Problem) -> nn.Module:
     """A module with one bias-free Linear per matrix, at the same dotted names."""
     root = nn.Module()
-    for name, W in zip(problem.names, problem.weights):
+    for name, W in zip(problem.names, problem.weights, strict=True):
         parent = root
         *path, leaf = name.split(".")
         for part in path:
@@ -210,11 +210,11 @@ def _run_peft(problem: Problem, device: torch.device, init: str) -> tuple[list[T
 
 
 def _mse(problem: Problem, products: list[Tensor]) -> Tensor:
-    return torch.stack([((P.cpu() - W) ** 2).mean() for P, W in zip(products, problem.weights)])
+    return torch.stack([((P.cpu() - W) ** 2).mean() for P, W in zip(products, problem.weights, strict=True)])
 
 
 def _max_delta(products: list[Tensor], baseline: list[Tensor], label: str) -> str:
-    delta = max((P.cpu() - Q.cpu()).abs().max().item() for P, Q in zip(products, baseline))
+    delta = max((P.cpu() - Q.cpu()).abs().max().item() for P, Q in zip(products, baseline, strict=True))
     return f"{delta:.1e} (vs {label})"
 
 
@@ -255,7 +255,9 @@ def benchmark(problem: Problem, device: torch.device, steps: int) -> list[Row]:
     with _measure(device) as measured:
         factors = _run_stacked(problem, device, randomized)
     sketched = _products(factors)
-    record("randomized_svd_factors (niter=8, oversample=8)", measured, None, sketched, _max_delta(sketched, exact, "svd"))
+    record(
+        "randomized_svd_factors (niter=8, oversample=8)", measured, None, sketched, _max_delta(sketched, exact, "svd")
+    )
 
     for init in ("pissa", "pissa_niter_4"):
         products, measured = _run_peft(problem, device, init)
@@ -276,7 +278,8 @@ def _format_table(rows: list[Row], optimum: Tensor, steps: int) -> str:
         if row.steps is None:
             full = "—"
         elif extrapolated:
-            full = f"≈{row.full_seconds():.1f} (extrapolated from {row.steps} steps, {row.seconds / row.steps * 1e3:.3f} ms/step)"
+            per_step = row.seconds / row.steps * 1e3
+            full = f"≈{row.full_seconds():.1f} (extrapolated from {row.steps} steps, {per_step:.3f} ms/step)"
         else:
             full = f"{row.seconds:.1f} ({row.seconds / row.steps * 1e3:.3f} ms/step)"
         mark = "≈" if extrapolated else ""

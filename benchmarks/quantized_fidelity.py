@@ -32,8 +32,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for variant in ("inilora", "inilora-alpha", "inilora-beta", "pissa", "milora"):
         for refine_steps in (0, 1, 5):
-            init = inilora_init(model, variant=variant, quantization_config=config, refine_steps=refine_steps,
-                                use_cache=False)
+            init = inilora_init(
+                model, variant=variant, quantization_config=config, refine_steps=refine_steps, use_cache=False
+            )
             rows = init().init_report.modules
             error = sum(r.quantized_init_error for r in rows) / len(rows)
             qlora = sum(r.qlora_error for r in rows) / len(rows)

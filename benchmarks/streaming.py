@@ -93,12 +93,30 @@ def child(mode: str, checkpoint: str, out: str, variant: str, rank: int, options
 
 def run_child(mode: str, args: argparse.Namespace, checkpoint: Path, out: Path, max_memory: str | None) -> dict:
     command = [
-        sys.executable, "-m", "benchmarks.streaming", "--child", mode, "--checkpoint", str(checkpoint),
-        "--out", str(out), "--variant", args.variant, "--rank", str(args.rank), "--steps", str(args.steps),
+        sys.executable,
+        "-m",
+        "benchmarks.streaming",
+        "--child",
+        mode,
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--variant",
+        args.variant,
+        "--rank",
+        str(args.rank),
+        "--steps",
+        str(args.steps),
     ]
     command += ["--max-memory", max_memory or NO_BOUND]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} run failed:\n{result.stderr[-4000:]}")
@@ -110,8 +128,10 @@ def max_factor_difference(left: Path, right: Path) -> float:
 
     a, b = FactorSet.from_pretrained(left), FactorSet.from_pretrained(right)
     return max(
-        max((a.factors[n].lora_A - b.factors[n].lora_A).abs().max().item(),
-            (a.factors[n].lora_B - b.factors[n].lora_B).abs().max().item())
+        max(
+            (a.factors[n].lora_A - b.factors[n].lora_A).abs().max().item(),
+            (a.factors[n].lora_B - b.factors[n].lora_B).abs().max().item(),
+        )
         for n in b.factors
     )
 
@@ -162,9 +182,11 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "python -m benchmarks.streaming " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"`{command.strip()}`\n")
-    print(f"checkpoint: {size / MB:.0f} MB bf16 in 100 MB shards ({args.layers} layers, hidden {args.hidden}); "
-          f"targets q_proj+v_proj: {targets / MB:.0f} MB (bf16); variant {args.variant}, rank {args.rank}; "
-          f"OMP_NUM_THREADS={args.threads}\n")
+    print(
+        f"checkpoint: {size / MB:.0f} MB bf16 in 100 MB shards ({args.layers} layers, hidden {args.hidden}); "
+        f"targets q_proj+v_proj: {targets / MB:.0f} MB (bf16); variant {args.variant}, rank {args.rank}; "
+        f"OMP_NUM_THREADS={args.threads}\n"
+    )
     print("| run | peak RSS (MB) | above runtime only (MB) | wall (s) |")
     print("|---|---:|---:|---:|")
     for label, _out, measured in rows:

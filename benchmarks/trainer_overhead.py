@@ -58,8 +58,12 @@ def seconds(fn) -> float:
 
 def llama_config(hidden: int, layers: int, vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=vocab_size,
     )
 
 
@@ -82,7 +86,9 @@ def init_costs(
 
     builders = {
         "load": lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=load_dtype),
-        "peft": lambda: get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=load_dtype), LoraConfig(**LORA)),
+        "peft": lambda: get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=load_dtype), LoraConfig(**LORA)
+        ),
         "remembered": inilora,
         "hashed": hashed,
     }
@@ -103,6 +109,12 @@ def init_costs(
     shutil.rmtree(base_dir)
     shutil.rmtree(cache_dir)
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+def _cell(times: dict[tuple[str, bool], float], name: str, forward: bool) -> str:
+    """`name`'s time and its overhead over the bare load, e.g. `1.234 (+5 %)`."""
+    base = times[("load", forward)]
+    return f"{times[(name, forward)]:.3f} ({100 * (times[(name, forward)] - base) / base:+.0f} %)"
 
 
 def main() -> None:
@@ -130,17 +142,23 @@ def main() -> None:
         plain = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**LORA))
         plain_steps.append(train_ms_per_step(plain, batch, args.steps))
     params = sum(p.numel() for p in LlamaForCausalLM(config).parameters()) / 1e6
-    print(f"Training step: Llama hidden={args.hidden} layers={args.layers} ({params:.1f} M params), q/v r=8, "
-          f"batch 8×128, torch threads={torch.get_num_threads()}, {args.repeats} interleaved repeats, medians\n")
+    print(
+        f"Training step: Llama hidden={args.hidden} layers={args.layers} ({params:.1f} M params), q/v r=8, "
+        f"batch 8×128, torch threads={torch.get_num_threads()}, {args.repeats} interleaved repeats, medians\n"
+    )
     print("| measure | inilora | plain PEFT LoRA | ratio |")
     print("|---|---:|---:|---:|")
     inilora_ms, plain_ms = statistics.median(inilora_steps), statistics.median(plain_steps)
     print(f"| training step (ms) | {inilora_ms:.1f} | {plain_ms:.1f} | {inilora_ms / plain_ms:.3f} |")
 
-    print(f"\nInit on a cache hit (a new inilora_init each time), {args.repeats} repeats, medians; '+x %' = time "
-          "added to the bare load. Second line of each pair: followed by a one-token forward pass (reads every weight)\n")
-    print("| model | checkpoint → loaded as | then | bare load (s) | plain PEFT load+wrap (s) "
-          "| inilora hit, remembered (s) | inilora hit, hashed (s) |")
+    print(
+        f"\nInit on a cache hit (a new inilora_init each time), {args.repeats} repeats, medians; '+x %' = time "
+        "added to the bare load. Second line of each pair: followed by a one-token forward pass (reads every weight)\n"
+    )
+    print(
+        "| model | checkpoint → loaded as | then | bare load (s) | plain PEFT load+wrap (s) "
+        "| inilora hit, remembered (s) | inilora hit, hashed (s) |"
+    )
     print("|---|---|---|---:|---:|---:|---:|")
     models = [(args.hidden, args.layers, 2048), (args.init_hidden, args.init_layers, 32000)]
     paths = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
@@ -151,14 +169,13 @@ def main() -> None:
             t = init_costs(config, saved_dtype, load_dtype, args.repeats)
             lazy = "mmap" if saved_dtype == load_dtype else "copy"
             for forward in (False, True):
+                cells = " | ".join(_cell(t, name, forward) for name in ("peft", "remembered", "hashed"))
+                print(
+                    f"| hidden {hidden}, {layers} layers ({params:.0f} M) | {str(saved_dtype)[6:]} → "
+                    f"{str(load_dtype)[6:]} ({lazy}) | {'1-token forward' if forward else '—'} "
+                    f"| {t[('load', forward)]:.3f} | {cells} |"
+                )
 
-                def cell(name: str) -> str:
-                    base = t[("load", forward)]
-                    return f"{t[(name, forward)]:.3f} ({100 * (t[(name, forward)] - base) / base:+.0f} %)"
-
-                print(f"| hidden {hidden}, {layers} layers ({params:.0f} M) | {str(saved_dtype)[6:]} → "
-                      f"{str(load_dtype)[6:]} ({lazy}) | {'1-token forward' if forward else '—'} "
-                      f"| {t[('load', forward)]:.3f} | {cell('peft')} | {cell('remembered')} | {cell('hashed')} |")
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,8 @@ def random_projection(inputs: VariantInputs) -> dict[str, ModuleFactors]:
         basis = torch.linalg.qr(torch.randn(weight.shape[1], rank, generator=generator)).Q  # (in, r)
         factors[name] = ModuleFactors(lora_A=basis.T.contiguous(), lora_B=(weight / scaling) @ basis)
     return factors
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 

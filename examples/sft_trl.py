@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, inilora_init
-from inilora_hf.convert import to_lora, to_merged
 from inilora_hf.cli.demo import build_demo_base, demo_dataset
+from inilora_hf.convert import to_lora, to_merged
 from inilora_hf.output_dirs import check_output_dir
 
 parser = argparse.ArgumentParser()

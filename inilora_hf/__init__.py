@@ -64,9 +64,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BaseModelNotFoundError",
     "ExportCallback",
-    "InitReportCallback",
-    "PushStandardCheckpointCallback",
-    "load_trained",
     "FactorSet",
     "FactorSetCorruptError",
     "FactorSetError",
@@ -78,7 +75,9 @@ __all__ = [
     "InitConfig",
     "InitFunction",
     "InitReport",
+    "InitReportCallback",
     "ModuleFactors",
+    "PushStandardCheckpointCallback",
     "SFTTrainer",
     "OutputExistsError",
     "TargetModuleError",
@@ -88,6 +87,7 @@ __all__ = [
     "download_factor_set",
     "get_variant",
     "inilora_init",
+    "load_trained",
     "push_factor_set",
     "register_variant",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -16,11 +16,13 @@ from inilora_hf.factorsets.format import RESIDUAL_KEY
 from inilora_hf.factorsets.lora_config import lora_config_for
 from inilora_hf.factorsets.report import InitReport, ModuleReport
 from inilora_hf.factorsets.targets import read_weight
+from inilora_hf.linalg.bnb import bnb_bits, store_quantized
 from inilora_hf.log import get_logger
 from inilora_hf.variants import get_variant
 
+from .layers import adapter_linear
 from .loraxs import CORE_KEY, attach_core, count_core_parameters
-from .quantized import bnb_bits, fidelity, store_quantized
+from .quantized import fidelity, layer_settings
 
 logger = get_logger(__name__)
 
@@ -62,9 +64,10 @@ def wrap_with_factors(
     if peft_config.base_model_name_or_path:
         peft_config.base_model_name_or_path = model_reference(peft_config.base_model_name_or_path)
     report = apply_factor_set(peft_model, factor_set, adapter_name=adapter_name, source=source)
-    peft_model.factor_set = factor_set
-    peft_model.init_report = report
-    peft_model.base_inference_config = inference_config
+    carrier: Any = peft_model  # plain attributes, which nn.Module's `__getattr__` would type as `Tensor | Module`
+    carrier.factor_set = factor_set
+    carrier.init_report = report
+    carrier.base_inference_config = inference_config
     return peft_model
 
 
@@ -105,21 +108,24 @@ def apply_factor_set(
     if cores:
         logger.info(
             "LoRA-XS: only the r×r cores train: %d modules × r² = %d trainable parameters (A and B frozen).",
-            cores, core_parameters,
+            cores,
+            core_parameters,
         )
     return report
 
 
-def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_name: str, residual: bool) -> ModuleReport:
+def _apply_module(
+    layer: LoraLayer, factor_set: FactorSet, name: str, adapter_name: str, residual: bool
+) -> ModuleReport:
     factors = factor_set.factors[name]
     scaling = layer.scaling[adapter_name]
     if abs(scaling - factor_set.config.scaling) > 1e-12 * max(1.0, scaling):
         raise ValueError(
             f"LoRA scaling of {name!r} is {scaling}, but the factor set was computed for {factor_set.config.scaling}."
         )
-    base = layer.get_base_layer()
-    lora_A = layer.lora_A[adapter_name].weight
-    lora_B = layer.lora_B[adapter_name].weight
+    base = cast(nn.Linear, layer.get_base_layer())  # targets are Linear layers (bitsandbytes' included)
+    lora_A = adapter_linear(layer, "lora_A", adapter_name).weight
+    lora_B = adapter_linear(layer, "lora_B", adapter_name).weight
     if tuple(factors.lora_A.shape) != tuple(lora_A.shape) or tuple(factors.lora_B.shape) != tuple(lora_B.shape):
         raise ValueError(
             f"Factor shapes of {name!r} (A {tuple(factors.lora_A.shape)}, B {tuple(factors.lora_B.shape)}) do not fit "
@@ -135,14 +141,19 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
     adapter_dtype = getattr(torch, quantization["adapter_dtype"]) if bnb_bits(base) and quantization else None
     with gather_params_ctx(base.weight):
         # copy=True: the LoRA parameters must not share storage with the factor set (training would write into A0/B0)
-        lora_A.data = factors.lora_A.to(device=lora_A.device, dtype=adapter_dtype or lora_A.dtype, copy=True).contiguous()
-        lora_B.data = factors.lora_B.to(device=lora_B.device, dtype=adapter_dtype or lora_B.dtype, copy=True).contiguous()
+        lora_A.data = factors.lora_A.to(
+            device=lora_A.device, dtype=adapter_dtype or lora_A.dtype, copy=True
+        ).contiguous()
+        lora_B.data = factors.lora_B.to(
+            device=lora_B.device, dtype=adapter_dtype or lora_B.dtype, copy=True
+        ).contiguous()
         folded_B, fp32_A = lora_B.float(), lora_A.float()
         if CORE_KEY in factors.extra:  # LoRA-XS: s·B·R·A, only R trains
             folded_B = folded_B @ attach_core(layer, adapter_name, factors.extra[CORE_KEY]).weight.float()
         if quantized:
             residual_fp32 = factors.extra[RESIDUAL_KEY].to(folded_B.device, torch.float32)
-            weight = torch.addmm(residual_fp32, folded_B, fp32_A, alpha=scaling)  # W0 as recorded: R came from these factors
+            # W0 as recorded: R came from these factors
+            weight = torch.addmm(residual_fp32, folded_B, fp32_A, alpha=scaling)
             store_quantized(base, residual_fp32)
             stored_weight = read_weight(base)
             max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=stored_weight)
@@ -155,11 +166,13 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
                 max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=base.weight.detach())
             else:
                 residual_weight = torch.empty_like(weight)
-                max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, residual_out=residual_weight)
+                max_abs, rel = _reconstruction_error(
+                    weight, folded_B, fp32_A, scaling, stored=residual_weight, write_residual=True
+                )
                 base.weight.data = residual_weight
     report = ModuleReport(
         name=name,
-        shape=tuple(weight.shape),
+        shape=(weight.shape[0], weight.shape[1]),
         storage_dtype=f"bnb-{bnb_bits(base)}bit" if bnb_bits(base) else str(base.weight.dtype).removeprefix("torch."),
         mse=factor_set.stats.get(name, {}).get("mse"),
         optimal_mse=factor_set.stats.get(name, {}).get("optimal_mse"),
@@ -168,13 +181,17 @@ def _apply_module(layer: LoraLayer, factor_set: FactorSet, name: str, adapter_na
         reconstruction_rel=rel,
     )
     if quantized:
-        quality = fidelity(weight, stored_weight, scaling * (folded_B @ fp32_A), factor_set.config.quantization)
+        settings = factor_set.config.quantization or layer_settings(base)
+        quality = fidelity(weight, stored_weight, scaling * (folded_B @ fp32_A), settings)
         report.quantized_init_error, report.qlora_error = quality.init_error, quality.qlora_error
         if quality.ratio > QUANTIZED_WARN_RATIO:
             logger.warning(
                 "%s: the quantized init is %.1f× further from W0 than plain QLoRA (‖Q(R) + s·B·A − W0‖/‖W0‖ = %.3g vs "
                 "‖Q(W0) − W0‖/‖W0‖ = %.3g). Consider refine_steps>0, a smaller init scale, or a full-precision base.",
-                name, quality.ratio, quality.init_error, quality.qlora_error,
+                name,
+                quality.ratio,
+                quality.init_error,
+                quality.qlora_error,
             )
     return report
 
@@ -189,26 +206,25 @@ def _reconstruction_error(
     fp32_A: torch.Tensor,
     scaling: float,
     *,
-    stored: torch.Tensor | None = None,
-    residual_out: torch.Tensor | None = None,
+    stored: torch.Tensor,
+    write_residual: bool = False,
 ) -> tuple[float, float]:
     """max|R + s·B·A − W0| and ‖R + s·B·A − W0‖ / ‖W0‖ in fp32, with R the base weight as `stored` (any dtype).
 
-    With `residual_out` (an empty tensor of the storage dtype) R = W0 − s·B·A is written into it first, block by
-    block, and measured as stored. Working a block of rows at a time reads W0 and R once and never materialises a
-    d×k delta or error matrix.
+    With `write_residual`, `stored` is an empty tensor of the storage dtype: R = W0 − s·B·A is written into it
+    first, block by block, and measured as stored. Working a block of rows at a time reads W0 and R once and never
+    materialises a d×k delta or error matrix.
     """
     max_abs = torch.zeros((), dtype=torch.float32, device=weight.device)
     error_sq = torch.zeros((), dtype=torch.float64, device=weight.device)
     weight_sq = torch.zeros((), dtype=torch.float64, device=weight.device)
-    as_stored = residual_out if residual_out is not None else stored
     step = max(1, BLOCK_ELEMENTS // weight.shape[1])
     for start in range(0, weight.shape[0], step):
         rows = slice(start, start + step)
         w0 = weight[rows].float()
-        if residual_out is not None:
-            residual_out[rows] = torch.addmm(w0, folded_B[rows], fp32_A, alpha=-scaling)
-        error = torch.addmm(as_stored[rows].float(), folded_B[rows], fp32_A, alpha=scaling).sub_(w0)
+        if write_residual:
+            stored[rows] = torch.addmm(w0, folded_B[rows], fp32_A, alpha=-scaling)
+        error = torch.addmm(stored[rows].float(), folded_B[rows], fp32_A, alpha=scaling).sub_(w0)
         low, high = torch.aminmax(error)  # (ord=inf norms are several times slower on CPU)
         max_abs = torch.maximum(max_abs, torch.maximum(-low, high))
         error_sq += torch.dot(error.view(-1), error.view(-1)).double()

@@ -24,6 +24,7 @@ equivalent is the rank-r LoRA `B' = B·R`, `A' = A`, which `inilora_hf.convert.t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, TypeGuard
 
 import torch
 from peft import PeftModel
@@ -39,6 +40,8 @@ from inilora_hf.log import get_logger
 # factors with this extra trains in the LoRA-XS architecture.
 from inilora_hf.variants.data_driven import CORE_KEY
 
+from .layers import adapter_linear
+
 logger = get_logger(__name__)
 
 
@@ -50,16 +53,17 @@ class LoraXSVariant(LoraVariant):
         return False
 
     @staticmethod
-    def init(module: LoraLayer, adapter_name: str, **kwargs) -> None:
+    def init(module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
         """Nothing to do: `attach_core` creates the core with its initial value."""
 
     @staticmethod
     def delta_weight(module: LoraLayer, adapter: str) -> torch.Tensor:
         """`s·B·R·A` in fp32 (transposed for `fan_in_fan_out` layers)."""
-        lora_B = module.lora_B[adapter].weight.float()
-        core = module.lora_core[adapter].weight.float().to(lora_B.device)
-        lora_A = module.lora_A[adapter].weight.float().to(lora_B.device)
-        return transpose(lora_B @ core @ lora_A, module.fan_in_fan_out) * module.scaling[adapter]
+        lora_B = adapter_linear(module, "lora_B", adapter).weight.float()
+        core = adapter_linear(module, CORE_KEY, adapter).weight.float().to(lora_B.device)
+        lora_A = adapter_linear(module, "lora_A", adapter).weight.float().to(lora_B.device)
+        fan_in_fan_out = getattr(module, "fan_in_fan_out", False)  # set by PEFT's Linear-like LoRA layers
+        return transpose(lora_B @ core @ lora_A, fan_in_fan_out) * module.scaling[adapter]
 
     @staticmethod
     def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -74,10 +78,12 @@ class LoraXSVariant(LoraVariant):
         return orig_weight - LoraXSVariant.delta_weight(module, active_adapter).to(orig_weight)
 
     @staticmethod
-    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(
+        module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
-        core = module.lora_core[active_adapter]
+        core = adapter_linear(module, CORE_KEY, active_adapter)
         dropout = module.lora_dropout[active_adapter]
         return result + lora_B(core(lora_A(dropout(x)))) * module.scaling[active_adapter]
 
@@ -93,7 +99,11 @@ def attach_core(layer: LoraLayer, adapter_name: str, core: torch.Tensor) -> nn.L
         >>> layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj                 # doctest: +SKIP
         >>> attach_core(layer, "default", torch.eye(4))                                           # doctest: +SKIP
     """
-    if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A or not isinstance(layer.lora_A[adapter_name], nn.Linear):
+    if (
+        not isinstance(layer, LoraLayer)
+        or adapter_name not in layer.lora_A
+        or not isinstance(layer.lora_A[adapter_name], nn.Linear)
+    ):
         raise TypeError(
             f"LoRA-XS needs a PEFT LoRA Linear layer with adapter {adapter_name!r}; got {type(layer).__name__}. "
             "Target nn.Linear modules only."
@@ -106,20 +116,21 @@ def attach_core(layer: LoraLayer, adapter_name: str, core: torch.Tensor) -> nn.L
             f"Adapter {adapter_name!r} already uses the PEFT variant {type(current).__name__}; LoRA-XS cannot be "
             "stacked on it."
         )
-    lora_A = layer.lora_A[adapter_name].weight
+    lora_A = adapter_linear(layer, "lora_A", adapter_name).weight
     rank = lora_A.shape[0]
     if tuple(core.shape) != (rank, rank):
         raise ValueError(f"The LoRA-XS core must be ({rank}, {rank}) for rank {rank}, got {tuple(core.shape)}.")
     if CORE_KEY not in layer.adapter_layer_names:
-        layer.lora_core = nn.ModuleDict()
+        setattr(layer, CORE_KEY, nn.ModuleDict())
         # An instance attribute, as PEFT's KaSA does: only layers with a core gain the container.
-        layer.adapter_layer_names = layer.adapter_layer_names + (CORE_KEY,)
+        layer.adapter_layer_names = (*layer.adapter_layer_names, CORE_KEY)
     module = nn.Linear(rank, rank, bias=False, device=lora_A.device, dtype=lora_A.dtype)
     with torch.no_grad():
         # copy=True: training must never write into the factor set's tensor.
         module.weight.data = core.to(device=lora_A.device, dtype=lora_A.dtype, copy=True).contiguous()
     module.weight.requires_grad_(lora_A.requires_grad)  # trainable exactly when the adapter was (not inference mode)
-    layer.lora_core[adapter_name] = module
+    cores: nn.ModuleDict = getattr(layer, CORE_KEY)
+    cores[adapter_name] = module
     layer.lora_variant[adapter_name] = LoraXSVariant()
     frozen = {name: tuple(names) for name, names in layer.frozen_peft_weight_names.items()}
     frozen[adapter_name] = tuple(dict.fromkeys((*frozen.get(adapter_name, ()), "lora_A", "lora_B")))
@@ -128,7 +139,7 @@ def attach_core(layer: LoraLayer, adapter_name: str, core: torch.Tensor) -> nn.L
     return module
 
 
-def is_loraxs(layer: nn.Module, adapter_name: str) -> bool:
+def is_loraxs(layer: object, adapter_name: str) -> TypeGuard[LoraLayer]:
     """Whether `adapter_name` of `layer` is a LoRA-XS adapter (has a core)."""
     return isinstance(layer, LoraLayer) and isinstance(layer.lora_variant.get(adapter_name), LoraXSVariant)
 
@@ -137,12 +148,13 @@ def folded_lora_B(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
     """`lora_B` of the standard LoRA that computes what the layer computes, fp32: `B·R` for LoRA-XS, else `B`.
 
     Example:
-        >>> delta = layer.scaling["default"] * folded_lora_B(layer, "default") @ layer.lora_A["default"].weight   # doctest: +SKIP
+        >>> B = folded_lora_B(layer, "default")                                                # doctest: +SKIP
+        >>> delta = layer.scaling["default"] * B @ layer.lora_A["default"].weight              # doctest: +SKIP
     """
-    lora_B = layer.lora_B[adapter_name].weight.detach().float()
+    lora_B = adapter_linear(layer, "lora_B", adapter_name).weight.detach().float()
     if not is_loraxs(layer, adapter_name):
         return lora_B
-    return lora_B @ layer.lora_core[adapter_name].weight.detach().float().to(lora_B.device)
+    return lora_B @ adapter_linear(layer, CORE_KEY, adapter_name).weight.detach().float().to(lora_B.device)
 
 
 def fold_cores(state: dict[str, torch.Tensor], model: PeftModel, *, adapter_name: str) -> int:
@@ -166,10 +178,11 @@ def count_core_parameters(model: nn.Module, *, adapter_name: str = "default") ->
     """`(modules, parameters)`: how many LoRA-XS cores `model` has and their total size (r² each).
 
     Example:
-        >>> count_core_parameters(inilora_init("./base", variant="lora-sb", eta=1e-4, calibration_data=ds)())   # doctest: +SKIP
+        >>> model = inilora_init("./base", variant="lora-sb", eta=1e-4, calibration_data=ds)()   # doctest: +SKIP
+        >>> count_core_parameters(model)                                                        # doctest: +SKIP
         (4, 256)
     """
-    cores = [m.lora_core[adapter_name] for m in model.modules() if is_loraxs(m, adapter_name)]
+    cores = [adapter_linear(m, CORE_KEY, adapter_name) for m in model.modules() if is_loraxs(m, adapter_name)]
     return len(cores), sum(core.weight.numel() for core in cores)
 
 

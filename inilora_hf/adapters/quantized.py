@@ -1,5 +1,6 @@
-"""bitsandbytes bases: read a layer's quantization settings, quantize a residual like the layer would, and
-measure how far the quantized init is from `W0` next to plain QLoRA's own error.
+"""bitsandbytes bases: read a layer's quantization settings, prepare factors whose residual is quantized like the
+layer would (`inilora_hf.linalg.bnb`), and measure how far the quantized init is from `W0` next to plain QLoRA's
+own error.
 
 With a residual init the frozen weight is `Q(R)`, `R = W0 − s·B·A`, instead of QLoRA's `Q(W0)`. When
 `s·B·A` is large (IniLoRA-α: entries ~1 against ~0.02 for W0) the quantization step of `R` is much coarser
@@ -15,23 +16,19 @@ import torch
 from torch import nn
 
 from inilora_hf.factorsets.format import RESIDUAL_KEY
+from inilora_hf.linalg.bnb import QUANT_KEYS_4BIT, bnb_bits, quantize_roundtrip
 from inilora_hf.linalg.fit import svd_factors
-from inilora_hf.variants import ModuleFactors
+from inilora_hf.variants import ModuleFactors, get_variant
 from inilora_hf.variants.config import InitConfig
-
-QUANT_KEYS_4BIT = ("quant_type", "blocksize", "compress_statistics", "quant_storage")
-
-
-def bnb_bits(module: nn.Module) -> int | None:
-    """4 or 8 for a bitsandbytes `Linear4bit` / `Linear8bitLt`, None otherwise."""
-    from peft.utils.integrations import get_bnb_param_type
-
-    kind = get_bnb_param_type(getattr(module, "weight", None))
-    return {"4bit": 4, "8bit": 8}.get(kind) if kind else None
 
 
 def layer_settings(module: nn.Module) -> dict[str, Any]:
-    """The settings `quantize_like` must reproduce (JSON-serialisable), e.g. `{"bits": 4, "quant_type": "nf4", ...}`."""
+    """The settings `quantize_roundtrip` must reproduce (JSON-serialisable).
+
+    Example:
+        >>> layer_settings(linear_4bit)                               # doctest: +SKIP
+        {'bits': 4, 'quant_type': 'nf4', 'blocksize': 64, 'compress_statistics': False, 'quant_storage': 'uint8'}
+    """
     bits = bnb_bits(module)
     if bits == 4:
         weight = module.weight
@@ -39,73 +36,9 @@ def layer_settings(module: nn.Module) -> dict[str, Any]:
         settings["quant_storage"] = str(settings["quant_storage"]).removeprefix("torch.")
         return settings
     if bits == 8:
-        return {"bits": 8, "threshold": float(module.state.threshold)}
+        layer_state: Any = module.state  # bitsandbytes' MatmulLtState
+        return {"bits": 8, "threshold": float(layer_state.threshold)}
     return {"bits": None}
-
-
-def quantize_roundtrip(weight: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
-    """`deq(Q(weight))` in fp32, with exactly the quantizer a layer with `settings` uses.
-
-    Example:
-        >>> w = torch.randn(64, 64) * 0.02
-        >>> err = quantize_roundtrip(w, {"bits": 4, "quant_type": "nf4", "blocksize": 64,
-        ...                               "compress_statistics": False, "quant_storage": "uint8"}) - w
-        >>> float(err.norm() / w.norm()) < 0.2
-        True
-    """
-    import bitsandbytes.functional as bnbf
-
-    if settings["bits"] == 4:
-        packed, state = bnbf.quantize_4bit(
-            weight.float().contiguous(),
-            blocksize=settings["blocksize"],
-            compress_statistics=settings["compress_statistics"],
-            quant_type=settings["quant_type"],
-            quant_storage=getattr(torch, settings["quant_storage"]),
-        )
-        return bnbf.dequantize_4bit(packed, state).float()
-    if settings["bits"] == 8:
-        rows, scales, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
-        return bnbf.int8_vectorwise_dequant(rows, scales).float()
-    return weight.float()
-
-
-def store_quantized(module: nn.Module, weight: torch.Tensor) -> None:
-    """Replace a bnb layer's weight by `weight` (fp32), quantized with the layer's own settings (all of them)."""
-    import bitsandbytes as bnb
-
-    device = module.weight.device
-    if bnb_bits(module) == 4:
-        old = module.weight
-        module.weight = bnb.nn.Params4bit(
-            weight.float().cpu(), requires_grad=False, module=module, **{key: getattr(old, key) for key in QUANT_KEYS_4BIT}
-        ).to(device)
-    else:
-        module.weight = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False).to(device)
-        module.state.SCB = None  # forward takes the new row scales from the new weight
-
-
-def dequantize(module: nn.Module) -> torch.Tensor:
-    """The fp32 weight a bitsandbytes layer computes with (`deq(Q(W))`), without modifying the layer."""
-    import bitsandbytes.functional as bnbf
-
-    unpack_cpu_layout(module)
-    weight = module.weight
-    if bnb_bits(module) == 4:
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-    return bnbf.int8_vectorwise_dequant(weight.data, scales).float()
-
-
-def unpack_cpu_layout(module: nn.Module) -> None:
-    """Undo bitsandbytes' CPU packed layout (AVX512-BF16 CPUs, after an eval forward) before dequantizing."""
-    import bitsandbytes.functional as bnbf
-
-    weight = getattr(module, "weight", None)
-    state = getattr(weight, "quant_state", None)
-    if state is not None and getattr(state, "packing_format_for_cpu", False):
-        weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, state)
-        module.quant_state = weight.quant_state
 
 
 @dataclass
@@ -121,7 +54,9 @@ class Fidelity:
         return self.init_error / self.qlora_error if self.qlora_error > 0 else float("inf")
 
 
-def fidelity(weight: torch.Tensor, quantized_residual: torch.Tensor, delta: torch.Tensor, settings: dict[str, Any]) -> Fidelity:
+def fidelity(
+    weight: torch.Tensor, quantized_residual: torch.Tensor, delta: torch.Tensor, settings: dict[str, Any]
+) -> Fidelity:
     """`‖deq(Q(R)) + s·B·A − W0‖ / ‖W0‖` next to `‖deq(Q(W0)) − W0‖ / ‖W0‖`, all in fp32."""
     norm = weight.norm().clamp_min(1e-30)
     return Fidelity(
@@ -139,9 +74,12 @@ def quantization_ready(
     Refinement (`refine_steps = N`): N times, quantize `R`, then refit B, A to `(W0 − deq(Q(R))) / s` with the
     rank-r SVD, so that `deq(Q(R)) + s·B·A` moves closer to `W0` than one-shot requantization.
     """
-    from inilora_hf.variants import get_variant
-
     settings = config.quantization
+    if settings is None:
+        raise ValueError(
+            "quantization_ready needs an InitConfig with `quantization` settings (the base's bitsandbytes layers); "
+            "build it through inilora_init(..., quantization_config=...)."
+        )
     residual_variant = get_variant(config.variant).residual
     adapter_dtype = getattr(torch, settings["adapter_dtype"])
     scaling, rank = config.scaling, config.rank

@@ -20,14 +20,30 @@ class TaskClasses(NamedTuple):
 # In order of preference: a class listed under several tasks gets the first.
 _TASKS = (
     ("CAUSAL_LM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "AutoModelForCausalLM", "AutoPeftModelForCausalLM"),
-    ("SEQ_2_SEQ_LM", modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "AutoModelForSeq2SeqLM",
-     "AutoPeftModelForSeq2SeqLM"),
-    ("SEQ_CLS", modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "AutoModelForSequenceClassification",
-     "AutoPeftModelForSequenceClassification"),
-    ("TOKEN_CLS", modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, "AutoModelForTokenClassification",
-     "AutoPeftModelForTokenClassification"),
-    ("QUESTION_ANS", modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, "AutoModelForQuestionAnswering",
-     "AutoPeftModelForQuestionAnswering"),
+    (
+        "SEQ_2_SEQ_LM",
+        modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        "AutoModelForSeq2SeqLM",
+        "AutoPeftModelForSeq2SeqLM",
+    ),
+    (
+        "SEQ_CLS",
+        modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "AutoModelForSequenceClassification",
+        "AutoPeftModelForSequenceClassification",
+    ),
+    (
+        "TOKEN_CLS",
+        modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+        "AutoModelForTokenClassification",
+        "AutoPeftModelForTokenClassification",
+    ),
+    (
+        "QUESTION_ANS",
+        modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+        "AutoModelForQuestionAnswering",
+        "AutoPeftModelForQuestionAnswering",
+    ),
     ("FEATURE_EXTRACTION", modeling_auto.MODEL_MAPPING_NAMES, "AutoModel", "AutoPeftModelForFeatureExtraction"),
 )
 
@@ -41,7 +57,7 @@ def task_classes(model: nn.Module, task_type: str | None = None) -> TaskClasses:
     Example:
         >>> from transformers import LlamaConfig, LlamaForSequenceClassification
         >>> task_classes(LlamaForSequenceClassification(LlamaConfig(hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=1, num_attention_heads=2, vocab_size=32)))             # doctest: +NORMALIZE_WHITESPACE
+        ...     num_hidden_layers=1, num_attention_heads=2, vocab_size=32)))  # doctest: +NORMALIZE_WHITESPACE
         TaskClasses(task_type='SEQ_CLS', auto_model='AutoModelForSequenceClassification',
                     auto_peft_model='AutoPeftModelForSequenceClassification')
     """

@@ -6,6 +6,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import PurePosixPath
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -44,12 +45,13 @@ def factor_set_card(
     spec = get_variant(config.variant)
     base = factor_set.base_model if link_base_model and is_hub_id(factor_set.base_model) else None
     tags = list(dict.fromkeys(["inilora", "lora", "peft", config.variant, "lora-initialization"]))
+    relation: dict[str, Any] = {"base_model_relation": "adapter"} if base else {}
     data = ModelCardData(
         base_model=base,
         library_name="peft",
         license=license,
         tags=tags,
-        **({"base_model_relation": "adapter"} if base else {}),
+        **relation,
         inilora={
             "variant": config.variant,
             "rank": config.rank,
@@ -101,6 +103,12 @@ def _intro(factor_set: FactorSetData, repo_id: str, base: str | None) -> str:
         else f"| `factors*.safetensors` | also `<module>.{'`, `<module>.'.join(sorted(factor_set.variant_extras))}`: "
         "variant tensors a plain LoRA adapter cannot hold, so there is no `init_adapter/` |\n"
     )
+    file_rows = (
+        "| `inilora_factors.json` | the InitConfig, the base model's identity and per-module weight fingerprints, "
+        "fit statistics, checksums |\n"
+        "| `factors*.safetensors` | `<module>.lora_A` `(r, in)` and `<module>.lora_B` `(out, r)` in fp32, for "
+        f"{len(factor_set.factors)} modules |\n"
+    )
     return f"""
 # {repo_id.split("/")[-1]}
 
@@ -114,9 +122,7 @@ initialisation is computed once and reused across runs. {spec.description}
 
 | file | content |
 |---|---|
-| `inilora_factors.json` | the InitConfig, the base model's identity and per-module weight fingerprints, fit statistics, checksums |
-| `factors*.safetensors` | `<module>.lora_A` `(r, in)` and `<module>.lora_B` `(out, r)` in fp32, for {len(factor_set.factors)} modules |
-{adapter_row}"""
+{file_rows}{adapter_row}"""
 
 
 def _usage(factor_set: FactorSetData, repo_id: str) -> str:
@@ -203,7 +209,7 @@ def _configuration(factor_set: FactorSetData) -> str:
     return f"""
 ## Configuration
 
-LoRA scaling `s = {config.scaling:g}` ({'lora_alpha / sqrt(r)' if config.use_rslora else 'lora_alpha / r'}).
+LoRA scaling `s = {config.scaling:g}` ({"lora_alpha / sqrt(r)" if config.use_rslora else "lora_alpha / r"}).
 The exact `InitConfig`:
 
 ```json

@@ -109,8 +109,16 @@ def _hub_cause(error: BaseException) -> BaseException | None:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
-                                LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        if isinstance(
+            current,
+            (
+                HFValidationError,
+                RepositoryNotFoundError,
+                RevisionNotFoundError,
+                LocalEntryNotFoundError,
+                OfflineModeIsEnabled,
+            ),
+        ):
             return current
         current = current.__cause__ or current.__context__
     return None
@@ -139,7 +147,9 @@ def _base_model_problem(model: str, revision: str | None, cause: BaseException |
             "tag or commit sha as `revision=`."
         )
     if isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        offline = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else f"{endpoint} cannot be reached"
+        offline = (
+            "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else f"{endpoint} cannot be reached"
+        )
         return (
             f"Base model {model!r} (revision {revision or 'main'!r}) is not in the local Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) and {offline}. Download it once while online (`hf download {model}`), "
@@ -194,7 +204,7 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
     single = directory / SAFETENSORS_SINGLE
     if single.is_file():
         with safe_open(str(single), framework="pt") as handle:
-            return {key: single for key in handle.keys()}
+            return dict.fromkeys(handle.keys(), single)
     raise FileNotFoundError(
         f"No {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} in {directory}: streamed computation reads safetensors "
         "checkpoints only. Re-save the model with `save_pretrained(..., safe_serialization=True)`, or use "
@@ -218,5 +228,6 @@ def cached_checkpoint_dir(
     text = str(model)
     if not _hub_id_shaped(text):
         return None
-    config = try_to_load_from_cache(text, "config.json", cache_dir=cache_dir, revision=revision)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    config = try_to_load_from_cache(text, "config.json", cache_dir=cache, revision=revision)
     return Path(config).parent if isinstance(config, str) else None

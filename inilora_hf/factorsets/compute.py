@@ -48,7 +48,8 @@ def compute_factor_set(
 
     Example:
         >>> cfg = InitConfig("pissa", rank=4, target_modules=["q_proj"])                  # doctest: +SKIP
-        >>> weights = {n: m.weight.float() for n, m in find_target_linears(model, cfg.target_modules).items()}  # doctest: +SKIP
+        >>> linears = find_target_linears(model, cfg.target_modules)                       # doctest: +SKIP
+        >>> weights = {n: m.weight.float() for n, m in linears.items()}                   # doctest: +SKIP
         >>> fs = compute_factor_set(weights, cfg, fingerprints=model_fingerprints(model, cfg))  # doctest: +SKIP
     """
     spec = get_variant(config.variant)

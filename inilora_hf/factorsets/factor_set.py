@@ -90,6 +90,14 @@ class FactorSet(FactorSetData):
             >>> FactorSet.from_pretrained("my-org/llama-3.2-1b-inilora-r8", revision=info.oid)  # doctest: +SKIP
         """
         return push_factor_set(
-            self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
-            create_pr=create_pr, endpoint=endpoint, include_residual=include_residual, license=license,
+            self,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            token=token,
+            create_pr=create_pr,
+            endpoint=endpoint,
+            include_residual=include_residual,
+            license=license,
         )

@@ -9,8 +9,9 @@ unchanged files reuses them after a spot check: the sha256 of a few rows of each
 recorded one. Rewriting, replacing or even `touch`-ing a file changes its ctime, so its weights are hashed
 again.
 
-Only plain loads are remembered: a loaded `nn.Module`, quantized loads (`quantization_config`), and `from_pretrained` arguments that
-could change the weights without touching the files (`subfolder`, `state_dict`, remote code, ...) always hash.
+Only plain loads are remembered: a loaded `nn.Module`, quantized loads (`quantization_config`), and
+`from_pretrained` arguments that could change the weights without touching the files (`subfolder`, `state_dict`,
+remote code, ...) always hash.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import transformers
@@ -79,7 +81,7 @@ def spot_digest(weight: torch.Tensor) -> str:
 
 
 def target_fingerprints(
-    modules: dict[str, nn.Module],
+    modules: Mapping[str, nn.Linear],
     checkpoint: dict[str, Any] | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
@@ -113,7 +115,7 @@ def target_fingerprints(
     return fingerprints
 
 
-def _matches(record: Any, spot: str, weight: torch.Tensor) -> bool:
+def _matches(record: Any, spot: str, weight: torch.Tensor) -> TypeGuard[dict[str, Any]]:
     """A remembered record is used only if it is well-formed and its spot digest and shape match the weight."""
     if not isinstance(record, dict) or record.get("spot") != spot or not isinstance(record.get("fingerprint"), dict):
         return False
@@ -135,7 +137,11 @@ def _read_memo(path: Path, checkpoint: dict[str, Any]) -> dict[str, dict[str, An
     except (OSError, ValueError) as error:
         logger.warning("Ignoring the unreadable fingerprint memo %s (%s); the weights are hashed again.", path, error)
         return {}
-    if not isinstance(document, dict) or document.get("format") != MEMO_FORMAT or document.get("checkpoint") != checkpoint:
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != MEMO_FORMAT
+        or document.get("checkpoint") != checkpoint
+    ):
         return {}
     records = document.get("modules")
     return records if isinstance(records, dict) else {}

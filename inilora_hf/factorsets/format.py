@@ -154,7 +154,11 @@ class FactorSetData:
         }
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, include_residual: bool | None = None, max_shard_size: int | str = "2GB"
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        include_residual: bool | None = None,
+        max_shard_size: int | str = "2GB",
     ) -> Path:
         """Write the factor set as safetensors + `inilora_factors.json` into `save_directory`.
 
@@ -219,7 +223,9 @@ class FactorSetData:
                 lora_A = tensors.pop(f"{module}.lora_A")
                 lora_B = tensors.pop(f"{module}.lora_B")
             except KeyError as error:
-                raise FactorSetCorruptError(f"{path} has no tensor {error.args[0]!r}; the factor set is incomplete.")
+                raise FactorSetCorruptError(
+                    f"{path} has no tensor {error.args[0]!r}; the factor set is incomplete."
+                ) from None
             prefix = f"{module}."
             extra = {k[len(prefix) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
             factors[module] = ModuleFactors(lora_A, lora_B, extra)
@@ -262,4 +268,3 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def now_iso() -> str:
     """The current UTC time in ISO 8601, for provenance fields."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-

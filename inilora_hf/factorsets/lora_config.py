@@ -18,7 +18,8 @@ def lora_config_for(factor_set: FactorSetData, **lora_kwargs: Any) -> LoraConfig
     config = factor_set.config
     return LoraConfig(
         r=config.rank,
-        lora_alpha=config.lora_alpha,
+        # PEFT annotates `lora_alpha` as int but takes any positive number (InitConfig resolved None to `rank`).
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         use_rslora=config.use_rslora,
         target_modules=sorted(factor_set.factors),
         init_lora_weights=True,

@@ -164,7 +164,7 @@ def _push_once(
         if revision not in branches:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
     link_base_model = base_model_on_hub(api, factor_set.base_model)
-    if license is None and link_base_model:
+    if license is None and link_base_model and factor_set.base_model is not None:
         license = base_model_license(api, factor_set.base_model, factor_set.base_revision)
     with tempfile.TemporaryDirectory(prefix="inilora-push-") as tmp:
         folder = Path(tmp)
@@ -315,7 +315,9 @@ def _download_once(
     next try, or a later run, downloads it again instead of trusting it."""
     cache = Path(cache_dir) if cache_dir is not None else None
     metadata_file = Path(
-        api.hf_hub_download(repo_id, METADATA_NAME, revision=revision, cache_dir=cache, local_files_only=local_files_only)
+        api.hf_hub_download(
+            repo_id, METADATA_NAME, revision=revision, cache_dir=cache, local_files_only=local_files_only
+        )
     )
     snapshot = metadata_file.parent
     commit = snapshot_commit(snapshot) or revision

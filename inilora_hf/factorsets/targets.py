@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from inilora_hf.errors import TargetModuleError
+from inilora_hf.linalg.bnb import bnb_bits, dequantize
 
 ALL_LINEAR = "all-linear"
 
@@ -42,7 +43,8 @@ def find_target_linears(
         ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
     """
     if target_modules == ALL_LINEAR:
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_output_embeddings = getattr(model, "get_output_embeddings", None)
+        output = get_output_embeddings() if get_output_embeddings is not None else None
         found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output}
     else:
         matcher = LoraConfig(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
@@ -105,8 +107,6 @@ def check_rank(modules: dict[str, nn.Linear], rank: int) -> None:
 
 def read_weight(module: nn.Linear) -> torch.Tensor:
     """The module's weight `W0` as fp32 `(out, in)` (dequantized for bitsandbytes layers)."""
-    from inilora_hf.adapters.quantized import bnb_bits, dequantize
-
     if bnb_bits(module) is not None:
         return dequantize(module)
     return module.weight.detach().float()

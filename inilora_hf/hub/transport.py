@@ -256,9 +256,7 @@ def is_transient(error: BaseException) -> bool:
     timed out, an answer cut short (huggingface_hub's size "Consistency check", malformed JSON), damaged bytes."""
     if isinstance(error, HfHubHTTPError):
         return error.response is not None and error.response.status_code in _TRANSIENT_STATUS
-    return isinstance(error, (*_TRANSIENT_TRANSPORT, json.JSONDecodeError, DamagedDownload)) or is_size_mismatch(
-        error
-    )
+    return isinstance(error, (*_TRANSIENT_TRANSPORT, json.JSONDecodeError, DamagedDownload)) or is_size_mismatch(error)
 
 
 def is_size_mismatch(error: BaseException) -> bool:

@@ -309,7 +309,7 @@ def adam_fit(
             if progress is not None and i > last_reported:
                 progress.update(i - last_reported)
                 last_reported = i
-            if w_sq is not None:
+            if tol is not None and w_sq is not None:
                 # The intermediates describe the factors before this step's update, i.e. the
                 # loss after i steps, at no extra pass over W.
                 worst = _mse_from_parts(w_sq, BtW, cur_A, G_B, G_A, m * n).max().item()

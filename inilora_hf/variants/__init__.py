@@ -1,9 +1,9 @@
 """Init variants: the registry plus the built-in families (random, approximation, SVD, data-driven)."""
 
 from . import approximation, data_driven, random, svd  # noqa: F401  (registers the built-in variants)
+from .inputs import VariantInputs
 from .registry import (
     ModuleFactors,
-    VariantInputs,
     VariantSpec,
     available_variants,
     get_variant,

@@ -22,8 +22,9 @@ from inilora_hf.linalg.grouping import shape_groups, stack
 
 from ..log import get_logger
 from .citations import INILORA
+from .inputs import VariantInputs
 from .random import draw_factors
-from .registry import ModuleFactors, VariantInputs, register_variant, require
+from .registry import ModuleFactors, register_variant, require
 from .svd import singular_factors
 
 logger = get_logger(__name__)
@@ -178,10 +179,13 @@ def _inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     factors = {}
     steps = options["steps"]
     # One bar counts the steps of every shape group; its label says so, so that the total agrees with `steps`.
-    label = f"IniLoRA fit: {len(groups)} shape groups × {steps} steps" if len(groups) > 1 else f"IniLoRA fit: {steps} steps"
-    with few_threads_for_small_work(inputs.weights, inputs.device), tqdm(
-        total=steps * len(groups), desc=label, unit="step", disable=steps == 0
-    ) as progress:
+    label = (
+        f"IniLoRA fit: {len(groups)} shape groups × {steps} steps" if len(groups) > 1 else f"IniLoRA fit: {steps} steps"
+    )
+    with (
+        few_threads_for_small_work(inputs.weights, inputs.device),
+        tqdm(total=steps * len(groups), desc=label, unit="step", disable=steps == 0) as progress,
+    ):
         for names in groups:
             result = adam_fit(
                 stack(targets, names, device=inputs.device),
@@ -196,8 +200,8 @@ def _inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
                 progress=progress,
             )
             if result.steps_run < options["steps"]:
-                logger.info("IniLoRA fit of %s stopped early at step %d (tol=%s).", names, result.steps_run, options["tol"])
-            factors.update(
-                {n: ModuleFactors(result.A[i].cpu(), result.B[i].cpu()) for i, n in enumerate(names)}
-            )
+                logger.info(
+                    "IniLoRA fit of %s stopped early at step %d (tol=%s).", names, result.steps_run, options["tol"]
+                )
+            factors.update({n: ModuleFactors(result.A[i].cpu(), result.B[i].cpu()) for i, n in enumerate(names)})
     return factors

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .registry import get_variant
+
 CONFIG_FORMAT_VERSION = 1
 _FIT_DTYPES = ("float32", "float64")
 
@@ -67,8 +69,6 @@ class InitConfig:
     quantization: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        from inilora_hf.variants import get_variant  # the registry imports this module
-
         spec = get_variant(self.variant)
         self.variant = spec.name
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -92,7 +92,8 @@ class InitConfig:
     @property
     def scaling(self) -> float:
         """The LoRA scaling `s` that multiplies `B @ A` (PEFT's `alpha / r`, or `alpha / sqrt(r)` with rsLoRA)."""
-        return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        alpha = self.rank if self.lora_alpha is None else self.lora_alpha  # None only before __post_init__
+        return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict, including the format version."""

@@ -19,7 +19,8 @@ import torch
 from inilora_hf.linalg.grouping import shape_groups, stack
 
 from .citations import LORA_SB
-from .registry import ModuleFactors, VariantInputs, register_variant, require
+from .inputs import VariantInputs
+from .registry import ModuleFactors, register_variant, require
 
 # The key of the LoRA-XS core in `ModuleFactors.extra`; `inilora_hf.loraxs.CORE_KEY` (not imported: that
 # module imports PEFT, which a variant must not need).
@@ -40,7 +41,9 @@ def _check_lora_sb(options: dict) -> None:
     )
 
 
-def truncated_svd_factors(update: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd_factors(
+    update: torch.Tensor, rank: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-XS factors of the best rank-`rank` approximation of each matrix of a `(L, out, in)` stack.
 
     Exact fp32 SVD `update = U·diag(S)·Vᵀ`; returns `B = U_r` `(L, out, r)`, `core = diag(S_r) / scaling`
@@ -81,8 +84,8 @@ def lora_sb(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     eta = options["eta"]
     if eta is None:
         raise ValueError("lora-sb needs `eta` (the learning rate of the first optimizer step): pass `eta=...`.")
-    gradients = inputs.gradients
-    missing = sorted(set(inputs.weights) - set(gradients or {}))
+    gradients = inputs.gradients or {}
+    missing = sorted(set(inputs.weights) - set(gradients))
     if missing:
         raise ValueError(f"lora-sb got no gradient for {missing[:3]}; the calibration pass did not reach them.")
     rank, scaling = inputs.config.rank, inputs.config.scaling

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .citations import INILORA, LORA
-from .registry import ModuleFactors, VariantInputs, register_variant, require
+from .inputs import VariantInputs
+from .registry import ModuleFactors, register_variant, require
 
 DrawFn = Callable[[str, torch.Tensor, torch.Tensor, torch.Generator], None]
 
@@ -28,7 +29,8 @@ def module_generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator seeded from `(seed, module name)`: the same draws wherever and whenever the module is drawn.
 
     Example:
-        >>> torch.equal(torch.randn(3, generator=module_generator(0, "q")), torch.randn(3, generator=module_generator(0, "q")))
+        >>> first = torch.randn(3, generator=module_generator(0, "q"))
+        >>> torch.equal(first, torch.randn(3, generator=module_generator(0, "q")))
         True
     """
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()

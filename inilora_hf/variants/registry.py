@@ -3,19 +3,16 @@
 A variant never touches PEFT, files or the model: it receives fp32 weight matrices (and, for data-driven
 variants, calibration statistics) and returns the initial `lora_A` / `lora_B` of every target module.
 Whether the base weight is replaced by the residual `R = W0 − s·B·A` is a property of the variant
-(`residual=True`), applied uniformly by `inilora_hf.apply`.
+(`residual=True`), applied uniformly by `inilora_hf.adapters.apply`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
-
-if TYPE_CHECKING:
-    from inilora_hf.variants.config import InitConfig
 
 
 @dataclass
@@ -33,33 +30,11 @@ class ModuleFactors:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass
-class VariantInputs:
-    """What a variant's `compute` function receives.
-
-    Attributes:
-        weights: Module name (as in the plain transformers model, e.g. `model.layers.0.self_attn.q_proj`) →
-            its base weight `W0` as an fp32 `(out, in)` tensor on the CPU.
-        config: The resolved `InitConfig` (rank, scaling, options with defaults filled in).
-        device: Where heavy computation should run (`cuda` when available, unless the user chose otherwise).
-        gradients: For variants registered with `needs_gradients=True`: module name → fp32 gradient of the
-            training loss w.r.t. `W0`, accumulated over the calibration samples.
-        max_group_bytes: Upper bound on the size of one batched stack of same-shape matrices (memory bound);
-            None stacks every same-shape matrix together. Never changes the result.
-        std_by_type: Per module type (`q_proj`, ...), the mean over ALL target layers of the per-matrix std of
-            `W0 / s`. Set when `weights` holds only a subset of the targets (streamed computation), so that
-            statistics pooled across layers stay those of the whole model.
-    """
-
-    weights: Mapping[str, torch.Tensor]
-    config: InitConfig
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    gradients: Mapping[str, torch.Tensor] | None = None
-    max_group_bytes: int | None = None
-    std_by_type: Mapping[str, float] | None = None
-
-
-VariantFn = Callable[[VariantInputs], dict[str, ModuleFactors]]
+# A variant's compute function: `fn(inputs: VariantInputs) -> {module_name: ModuleFactors}`. `VariantInputs`
+# (`inilora_hf.variants.inputs`) holds an `InitConfig`, whose validation looks variants up here, so this module
+# types the argument loosely rather than import upwards.
+VariantFn = Callable[..., dict[str, ModuleFactors]]
+_Variant = TypeVar("_Variant", bound=VariantFn)
 
 
 @dataclass(frozen=True)
@@ -82,9 +57,7 @@ class VariantSpec:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             accepted = ", ".join(sorted(self.defaults)) or "none"
-            raise ValueError(
-                f"Unknown option(s) {unknown} for variant {self.name!r}. Accepted options: {accepted}."
-            )
+            raise ValueError(f"Unknown option(s) {unknown} for variant {self.name!r}. Accepted options: {accepted}.")
         resolved = {**self.defaults, **options}
         if self.check is not None:
             self.check(resolved)
@@ -105,7 +78,7 @@ def register_variant(
     needs_gradients: bool = False,
     approximates_weight: bool = False,
     overwrite: bool = False,
-) -> Callable[[VariantFn], VariantFn]:
+) -> Callable[[_Variant], _Variant]:
     """Register an init variant under `name` (decorator).
 
     The decorated function takes a `VariantInputs` and returns `{module_name: ModuleFactors}` for every
@@ -135,7 +108,7 @@ def register_variant(
     if not isinstance(name, str) or not name:
         raise ValueError(f"A variant name must be a non-empty string, got {name!r}.")
 
-    def decorator(fn: VariantFn) -> VariantFn:
+    def decorator(fn: _Variant) -> _Variant:
         if name in _REGISTRY and not overwrite and _REGISTRY[name].compute is not fn:
             raise ValueError(f"A variant named {name!r} is already registered; pass overwrite=True to replace it.")
         _REGISTRY[name] = VariantSpec(

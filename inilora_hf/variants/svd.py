@@ -7,7 +7,8 @@ from inilora_hf.linalg.fit import svd_factors
 from inilora_hf.linalg.grouping import shape_groups, stack
 
 from .citations import MILORA, PISSA
-from .registry import ModuleFactors, VariantInputs, register_variant
+from .inputs import VariantInputs
+from .registry import ModuleFactors, register_variant
 
 
 def singular_factors(inputs: VariantInputs, *, smallest: bool) -> dict[str, ModuleFactors]:

@@ -162,7 +162,10 @@ def pad_collate(rows: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0) -> 
     """
     ids = [_as_list(row["input_ids"]) for row in rows]
     width = max(len(row) for row in ids)
-    masks = [_as_list(row["attention_mask"]) if "attention_mask" in row else [1] * len(i) for row, i in zip(rows, ids)]
+    masks = [
+        _as_list(row["attention_mask"]) if "attention_mask" in row else [1] * len(i)
+        for row, i in zip(rows, ids, strict=True)
+    ]
     batch: Batch = {
         "input_ids": torch.tensor([row + [pad_token_id] * (width - len(row)) for row in ids], dtype=torch.long),
         "attention_mask": torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long),
@@ -206,7 +209,8 @@ def batches_digest(batches: Iterable[Mapping[str, Any]]) -> str:
 
     Example:
         >>> a = batches_digest([{"input_ids": torch.tensor([[1, 2]])}])
-        >>> a == batches_digest([{"input_ids": torch.tensor([[1, 2]])}]), a == batches_digest([{"input_ids": torch.tensor([[1], [2]])}])
+        >>> b = batches_digest([{"input_ids": torch.tensor([[1], [2]])}])
+        >>> a == batches_digest([{"input_ids": torch.tensor([[1, 2]])}]), a == b
         (True, False)
     """
     digest = hashlib.sha256()
@@ -231,7 +235,8 @@ def _iterate(data: Any) -> Iterator[Any]:
         iterator = iter(data)
     except TypeError:
         raise ValueError(
-            f"Calibration data must be a dataset, a list of rows or batches, or a DataLoader; got {type(data).__name__}."
+            "Calibration data must be a dataset, a list of rows or batches, or a DataLoader; "
+            f"got {type(data).__name__}."
         ) from None
     yield from iterator
 

@@ -78,6 +78,9 @@ def calibrate(
     options[CALIBRATION_OPTION] = cal.identity()
     logger.info(
         "Calibration: %d samples in %d batches (sha256 %s…), eta=%s.",
-        cal.samples, len(cal.batches), cal.sha256[:12], options.get("eta"),
+        cal.samples,
+        len(cal.batches),
+        cal.sha256[:12],
+        options.get("eta"),
     )
     return dataclasses.replace(config, options=options), cal

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ def estimate_gradients(
     counts = list(sample_counts) if sample_counts is not None else [batch_length(b) for b in batches]
     if len(counts) != len(batches):
         raise ValueError(f"{len(counts)} sample counts for {len(batches)} calibration batches.")
-    weights = {name: model.get_submodule(name).weight for name in names}
+    weights = {name: model.get_parameter(f"{name}.weight") for name in names}
     owners: dict[int, list[str]] = {}
     for name, weight in weights.items():
         owners.setdefault(id(weight), []).append(name)
@@ -66,13 +66,19 @@ def estimate_gradients(
             parameter.requires_grad_(False)
         for name, weight in weights.items():
             if not weight.is_floating_point():
-                raise ValueError(f"The weight of {name!r} is {weight.dtype}; gradients need a floating-point base model.")
+                raise ValueError(
+                    f"The weight of {name!r} is {weight.dtype}; gradients need a floating-point base model."
+                )
             weight.grad = None
             weight.requires_grad_(True)
         for group in owners.values():
-            handles.append(weights[group[0]].register_post_accumulate_grad_hook(partial(_accumulate, [sums[n] for n in group])))
+            handles.append(
+                weights[group[0]].register_post_accumulate_grad_hook(partial(_accumulate, [sums[n] for n in group]))
+            )
         model.train()
-        rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        rng_devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         with torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(0)
             for index, batch in enumerate(batches):
@@ -89,7 +95,7 @@ def estimate_gradients(
     finally:
         for handle in handles:
             handle.remove()
-        for parameter, flag in zip(parameters, flags):
+        for parameter, flag in zip(parameters, flags, strict=True):
             parameter.requires_grad_(flag)
         for name, weight in weights.items():
             weight.grad = saved_grads[name]
@@ -108,10 +114,11 @@ def input_covariances(
     mask; the returned dict also has `"__tokens__"`, the number of tokens counted.
 
     Example:
-        >>> cov = input_covariances(model, calibration_set(rows, samples=8).batches, ["model.layers.0.mlp.down_proj"])  # doctest: +SKIP
+        >>> batches = calibration_set(rows, samples=8).batches                                # doctest: +SKIP
+        >>> cov = input_covariances(model, batches, ["model.layers.0.mlp.down_proj"])          # doctest: +SKIP
     """
     names = list(target_names)
-    sums = {name: None for name in names}
+    sums: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     state: dict[str, Any] = {"mask": None, "tokens": 0}
     was_training = model.training
     device = _input_device(model)
@@ -124,7 +131,8 @@ def input_covariances(
             x = x[mask.to(x.device).bool()]
         x = x.reshape(-1, x.shape[-1])
         moment = (x.T @ x).cpu()
-        sums[name] = moment if sums[name] is None else sums[name].add_(moment)
+        total = sums[name]
+        sums[name] = moment if total is None else total.add_(moment)
         if name == names[0]:
             state["tokens"] += x.shape[0]
 
@@ -150,7 +158,8 @@ def input_covariances(
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_input_embeddings() if get_input_embeddings is not None else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
         return embeddings.weight.device
     return next(model.parameters()).device
@@ -161,7 +170,8 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> Batch:
 
 
 def _accumulate(totals: list[torch.Tensor], weight: torch.Tensor) -> None:
-    gradient = weight.grad.detach().float().to("cpu")
+    # A post-accumulate-grad hook runs right after autograd has written `weight.grad`.
+    gradient = cast(torch.Tensor, weight.grad).detach().float().to("cpu")
     for total in totals:
         total.add_(gradient)
     weight.grad = None  # freed as soon as it is summed: no gradient outlives its backward pass

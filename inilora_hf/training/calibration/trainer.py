@@ -79,7 +79,9 @@ def offer_trainer_calibration(init: Any, trainer: Any) -> None:
         try:
             eta = first_step_learning_rate(trainer.args, steps)
         except (ValueError, TypeError) as error:
-            logger.warning("Could not derive eta from the training arguments (%s); pass inilora_init(..., eta=...).", error)
+            logger.warning(
+                "Could not derive eta from the training arguments (%s); pass inilora_init(..., eta=...).", error
+            )
     init.set_default_calibration(
         trainer.train_dataset,
         batch_size=trainer.args.per_device_train_batch_size,

@@ -1,0 +1,36 @@
+"""`VariantInputs`: what a variant's compute function receives (the target weights and the resolved config)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import InitConfig
+
+
+@dataclass
+class VariantInputs:
+    """What a variant's `compute` function receives.
+
+    Attributes:
+        weights: Module name (as in the plain transformers model, e.g. `model.layers.0.self_attn.q_proj`) →
+            its base weight `W0` as an fp32 `(out, in)` tensor on the CPU.
+        config: The resolved `InitConfig` (rank, scaling, options with defaults filled in).
+        device: Where heavy computation should run (`cuda` when available, unless the user chose otherwise).
+        gradients: For variants registered with `needs_gradients=True`: module name → fp32 gradient of the
+            training loss w.r.t. `W0`, accumulated over the calibration samples.
+        max_group_bytes: Upper bound on the size of one batched stack of same-shape matrices (memory bound);
+            None stacks every same-shape matrix together. Never changes the result.
+        std_by_type: Per module type (`q_proj`, ...), the mean over ALL target layers of the per-matrix std of
+            `W0 / s`. Set when `weights` holds only a subset of the targets (streamed computation), so that
+            statistics pooled across layers stay those of the whole model.
+    """
+
+    weights: Mapping[str, torch.Tensor]
+    config: InitConfig
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    gradients: Mapping[str, torch.Tensor] | None = None
+    max_group_bytes: int | None = None
+    std_by_type: Mapping[str, float] | None = None
