@@ -51,15 +51,15 @@ _LAZY_EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .training.trained_model import load_trained
-    from .variants.config import InitConfig
     from .factorsets.factor_set import FactorSet
     from .factorsets.publish import download_factor_set, push_factor_set
-    from .training.model_init import InitFunction, inilora_init
     from .factorsets.report import InitReport
     from .trainer_callbacks import ExportCallback, InitReportCallback, PushStandardCheckpointCallback
+    from .training.model_init import InitFunction, inilora_init
     from .training.sft import SFTTrainer
+    from .training.trained_model import load_trained
     from .variants import ModuleFactors, VariantInputs, available_variants, get_variant, register_variant
+    from .variants.config import InitConfig
 
 __all__ = [
     "BaseModelNotFoundError",
@@ -77,9 +77,9 @@ __all__ = [
     "InitReport",
     "InitReportCallback",
     "ModuleFactors",
+    "OutputExistsError",
     "PushStandardCheckpointCallback",
     "SFTTrainer",
-    "OutputExistsError",
     "TargetModuleError",
     "VariantInputs",
     "__version__",

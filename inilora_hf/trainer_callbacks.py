@@ -72,7 +72,9 @@ class ExportCallback(TrainerCallback):
         ...                   callbacks=[ExportCallback(merged=True, lora=True)])
     """
 
-    def __init__(self, *, merged: bool = True, lora: bool = True, dtype: Any = None, at_checkpoints: bool = True) -> None:
+    def __init__(
+        self, *, merged: bool = True, lora: bool = True, dtype: Any = None, at_checkpoints: bool = True
+    ) -> None:
         if not (merged or lora):
             raise ValueError("ExportCallback with merged=False and lora=False exports nothing; enable one of them.")
         self.merged = merged
@@ -98,7 +100,9 @@ class ExportCallback(TrainerCallback):
             return
         self.export(kwargs["model"], checkpoint, tokenizer=kwargs.get("processing_class"))
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.is_world_process_zero:
             self.export(kwargs["model"], run_dir(args, state), tokenizer=kwargs.get("processing_class"))
 
@@ -154,10 +158,14 @@ class InitReportCallback(TrainerCallback):
     def __init__(self, trainer: Any = None) -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         report = getattr(kwargs.get("model"), "init_report", None)
         if not isinstance(report, InitReport):
-            logger.warning("InitReportCallback: the model has no `init_report` (not built by inilora_init); nothing logged.")
+            logger.warning(
+                "InitReportCallback: the model has no `init_report` (not built by inilora_init); nothing logged."
+            )
             return
         if state.is_world_process_zero:
             logger.info("%s", report.summary())
@@ -219,7 +227,9 @@ class PushStandardCheckpointCallback(TrainerCallback):
         self.endpoint = endpoint
         self.pushed: dict[str, str] = {}
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not (args.push_to_hub and state.is_world_process_zero):
             return
         # Trainer itself defaults to a repo named after the output directory, in the token owner's namespace.
@@ -237,7 +247,9 @@ class PushStandardCheckpointCallback(TrainerCallback):
         with tempfile.TemporaryDirectory(prefix="inilora-push-") as tmp:
             if self.merged:
                 repo_id = self.merged_repo_id or f"{stem}-merged"
-                folder = to_merged(model, Path(tmp) / "merged", dtype=self.dtype, tokenizer=kwargs.get("processing_class"))
+                folder = to_merged(
+                    model, Path(tmp) / "merged", dtype=self.dtype, tokenizer=kwargs.get("processing_class")
+                )
                 self.pushed["merged"] = self._push(api, repo_id, folder, kind="merged", private=private)
             if self.lora:
                 repo_id = self.lora_repo_id or f"{stem}-lora"

@@ -69,7 +69,9 @@ def svd_backward_error(singular_values: np.ndarray, shape: tuple[int, ...]) -> f
     return fp32_gamma(max(shape[-2:])) * float(np.max(singular_values))
 
 
-def truncated_svd_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], rank: int, *, smallest: bool = False) -> float:
+def truncated_svd_tolerance(
+    singular_values: np.ndarray, shape: tuple[int, ...], rank: int, *, smallest: bool = False
+) -> float:
     """Max |Δ| between an fp32 rank-`rank` truncated SVD product (top or, with `smallest`, bottom triplets) and the
     exact one: E·(1 + 2σ/(δ − E)), with E the backward error, δ the gap between the kept and the dropped singular
     values and σ the largest kept one (Wedin: the kept singular subspaces turn by at most E/(δ − E)).
@@ -105,7 +107,9 @@ def svd_factor_tolerance(singular_values: np.ndarray, shape: tuple[int, ...], ra
     worst = 0.0
     for j in range(rank):
         gap = np.min(np.abs(np.delete(spectrum, j) - values[j]))
-        assert gap > 2 * error, f"singular value gap {gap:.3g} is within fp32 rounding ({error:.3g}): vectors are undefined"
+        assert gap > 2 * error, (
+            f"singular value gap {gap:.3g} is within fp32 rounding ({error:.3g}): vectors are undefined"
+        )
         sigma = values[j]
         worst = max(worst, math.sqrt(2 * sigma) * 2 * error / (gap - 2 * error) + error / math.sqrt(sigma))
     return float(worst)
@@ -129,7 +133,12 @@ def factor_mse_rounding(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> to
 
 
 def adam_drift_bound(
-    steps: int, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), step_size: int = 5000, gamma: float = 0.9,
+    steps: int,
+    lr: float,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    step_size: int = 5000,
+    gamma: float = 0.9,
     accumulation: int,
 ) -> float:
     """How far (per parameter, absolute) two fp32 runs of the same full-batch Adam + StepLR fit may drift apart when
@@ -163,12 +172,21 @@ def llama_forward_roundings(config: Any, seq_len: int, lora_rank: int = 0) -> in
     (x·Aᵀ, then ·Bᵀ, then the sum); 12 elementwise steps (RoPE, score scale, exp, max, SiLU, gate product, the two
     residual adds). Then the final RMSNorm and lm_head over `hidden_size`.
     """
-    hidden, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden, head_dim = (
+        config.hidden_size,
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+    )
     branch = lora_rank + 2 if lora_rank else 0
     norm = hidden + 4
     per_layer = (
-        2 * norm + (hidden + branch) + (head_dim + 1) + 2 * seq_len + (config.num_attention_heads * head_dim + branch)
-        + (hidden + branch) + (config.intermediate_size + branch) + 12
+        2 * norm
+        + (hidden + branch)
+        + (head_dim + 1)
+        + 2 * seq_len
+        + (config.num_attention_heads * head_dim + branch)
+        + (hidden + branch)
+        + (config.intermediate_size + branch)
+        + 12
     )
     return config.num_hidden_layers * per_layer + norm + hidden
 
@@ -205,9 +223,17 @@ def reload_exports_without_inilora(
     alone with the `auto_classes[1]` class of peft, in a fresh process started in `cwd`; return the max |Δlogits|
     of each against `logits`, the adapter's rank, and whether inilora_hf got imported."""
     torch.save(logits, work / "reference-logits.pt")
-    spec = {"base": str(base), "merged": str(merged), "lora": str(lora), "logits": str(work / "reference-logits.pt"),
-            "input_ids": input_ids.tolist(), "auto_model": auto_classes[0], "auto_peft_model": auto_classes[1]}
-    run = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
-                         timeout=300, cwd=cwd)
+    spec = {
+        "base": str(base),
+        "merged": str(merged),
+        "lora": str(lora),
+        "logits": str(work / "reference-logits.pt"),
+        "input_ids": input_ids.tolist(),
+        "auto_model": auto_classes[0],
+        "auto_peft_model": auto_classes[1],
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, json.dumps(spec)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -261,11 +261,11 @@ class HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the client pools connections
     timeout = 30  # drop idle keep-alive connections eventually
     disable_nagle_algorithm = True  # headers and body go out in two writes: avoid the 40 ms delayed-ACK stall
-    server: "_Server"
+    server: _Server
 
     # ----- plumbing -------------------------------------------------------------------------
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Silence the default stderr access log; ``store.requests`` records traffic instead."""
 
     def do_GET(self) -> None:
@@ -444,8 +444,17 @@ class HubHandler(BaseHTTPRequestHandler):
         if not self._has_token():
             raise HubError(401, "Invalid credentials in Authorization header")
         role = {"displayName": "test-token", "role": "write"}
-        return 200, {"type": "user", "name": USER, "fullname": "Test User", "orgs": [],
-                     "auth": {"type": "access_token", "accessToken": role}}, {}
+        return (
+            200,
+            {
+                "type": "user",
+                "name": USER,
+                "fullname": "Test User",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": role},
+            },
+            {},
+        )
 
     def _create_repo(self) -> tuple[int, Any, dict[str, str]]:
         self._require_token()
@@ -472,12 +481,24 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _info(self, repo: Repo, rev: str) -> tuple[int, Any, dict[str, str]]:
         commit = repo.resolve(rev)
-        siblings = [{"rfilename": p, "size": len(b), "blobId": git_blob_sha1(b)}
-                    for p, b in sorted(commit.files.items())]
-        info = {"_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id,
-                "author": repo.repo_id.split("/")[0], "sha": commit.oid, "lastModified": commit.date,
-                "createdAt": repo.created_at, "private": repo.private, "gated": repo.gated and "auto",
-                "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings}
+        siblings = [
+            {"rfilename": p, "size": len(b), "blobId": git_blob_sha1(b)} for p, b in sorted(commit.files.items())
+        ]
+        info = {
+            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
+            "id": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": commit.oid,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "gated": repo.gated and "auto",
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+        }
         if repo.repo_type == "model":
             info["modelId"] = repo.repo_id
         return 200, info, {}
@@ -523,8 +544,14 @@ class HubHandler(BaseHTTPRequestHandler):
         return 200, out, {}
 
     def _commits(self, repo: Repo, rev: str) -> tuple[int, Any, dict[str, str]]:
-        return 200, [{"id": c.oid, "title": c.title, "message": c.message, "date": c.date,
-                      "authors": [{"user": USER}]} for c in repo.history(rev)], {}
+        return (
+            200,
+            [
+                {"id": c.oid, "title": c.title, "message": c.message, "date": c.date, "authors": [{"user": USER}]}
+                for c in repo.history(rev)
+            ],
+            {},
+        )
 
     def _resolve(self, method: str, repo_type: str, repo_id: str, rev: str, path: str) -> tuple[int, Any, dict]:
         """HEAD/GET /{repo}/resolve/{rev}/{path}: file bytes plus the headers the client requires."""
@@ -535,8 +562,12 @@ class HubHandler(BaseHTTPRequestHandler):
         if path not in commit.files:
             raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.oid})
         data = commit.files[path]
-        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_sha1(data)}"',
-                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": commit.oid,
+            "ETag": f'"{git_blob_sha1(data)}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         byte_range = self._parse_range(len(data))
         if byte_range is None:
             return 200, data, headers
@@ -569,9 +600,15 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo: Repo, rev: str) -> tuple[int, Any, dict[str, str]]:
         files = repo.files(self._writable_ref(repo, rev))
-        answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                   "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None}
-                  for f in self._json().get("files", [])]
+        answer = [
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None,
+            }
+            for f in self._json().get("files", [])
+        ]
         return 200, {"files": answer, "commitOid": repo.resolve(rev).oid}, {}
 
     def _commit(self, repo: Repo, rev: str) -> tuple[int, Any, dict[str, str]]:
@@ -655,7 +692,7 @@ class HubServer:
         self._httpd.server_close()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self
 
     def __exit__(self, *exc: object) -> None:

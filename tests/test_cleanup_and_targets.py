@@ -136,8 +136,9 @@ def test_sigint_during_streamed_compute_leaves_only_finished_groups_and_resumes_
     assert resumed.info["streamed"]["resumed_groups"] == len(groups)
     assert _leftovers(cache) == [], "a finished run leaves no work dir and no lock file"
     reference = tmp_path / "reference"
-    compute_streamed(tiny_base_dir, _config(steps=STEPS), reference, max_memory=1, device="cpu",
-                     work_dir=tmp_path / "reference-work")
+    compute_streamed(
+        tiny_base_dir, _config(steps=STEPS), reference, max_memory=1, device="cpu", work_dir=tmp_path / "reference-work"
+    )
     _assert_bit_identical(out, reference)
     assert _leftovers(tmp_path, besides=(cache.name,)) == ["first.log", "out", "reference", "second.log"]
 
@@ -294,8 +295,18 @@ def test_every_listed_target_must_match_when_streamed(
         compute_streamed(tiny_base_dir, config, tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists() and _leftovers(isolated_factor_cache) == []
 
-    argv = ["compute", str(tiny_base_dir), "--out", str(tmp_path / "out"), "--variant", "inilora-alpha",
-            "--targets", "q_proj,foo_proj", "--device", "cpu"]
+    argv = [
+        "compute",
+        str(tiny_base_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--variant",
+        "inilora-alpha",
+        "--targets",
+        "q_proj,foo_proj",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'foo_proj'" in err and "Traceback" not in err
@@ -309,11 +320,14 @@ def test_every_listed_target_must_match_when_streamed(
 def test_fit_progress_bar_label_agrees_with_its_total(targets: list[str], capsys: pytest.CaptureFixture) -> None:
     model = tiny_llama()
     steps = 300
-    inilora_init(model, variant="inilora", rank=RANK, target_modules=targets, steps=steps, use_cache=False,
-                 device="cpu").prepare()
+    inilora_init(
+        model, variant="inilora", rank=RANK, target_modules=targets, steps=steps, use_cache=False, device="cpu"
+    ).prepare()
     shapes = {tuple(m.weight.shape) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets}
     bars = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if "IniLoRA fit" in line]
     assert bars, "the fit shows a progress bar"
     total = len(shapes) * steps
-    label = f"IniLoRA fit: {len(shapes)} shape groups × {steps} steps" if len(shapes) > 1 else f"IniLoRA fit: {steps} steps"
+    label = (
+        f"IniLoRA fit: {len(shapes)} shape groups × {steps} steps" if len(shapes) > 1 else f"IniLoRA fit: {steps} steps"
+    )
     assert bars[-1].startswith(f"{label}: 100%") and f" {total}/{total} " in bars[-1], bars[-1]

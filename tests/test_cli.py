@@ -54,7 +54,9 @@ def test_convert_command_writes_both_standard_forms(tmp_path: Path, capsys) -> N
     base = build_demo_base(tmp_path / "base")
     model = inilora_init(base, variant="inilora-beta", rank=4)()
     model.save_pretrained(tmp_path / "ckpt")
-    assert main(["convert", str(tmp_path / "ckpt"), "--merged", str(tmp_path / "m"), "--lora", str(tmp_path / "l")]) == 0
+    assert (
+        main(["convert", str(tmp_path / "ckpt"), "--merged", str(tmp_path / "m"), "--lora", str(tmp_path / "l")]) == 0
+    )
     ids = torch.randint(4, 20, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=ids).logits

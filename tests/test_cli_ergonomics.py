@@ -49,9 +49,17 @@ def test_help_and_argument_errors_import_no_heavy_library(tmp_path: Path) -> Non
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    calls = [["--help"], *([name, "--help"] for name in subcommand_parsers() if name != "inilora-hf"), [],
-             ["compute"], ["demo", "--rank", "eight"], ["convert", "ckpt"], ["nope"],
-             ["demo", "--output-dir", str(existing)], ["convert", "ckpt", "--lora", str(existing)]]
+    calls = [
+        ["--help"],
+        *([name, "--help"] for name in subcommand_parsers() if name != "inilora-hf"),
+        [],
+        ["compute"],
+        ["demo", "--rank", "eight"],
+        ["convert", "ckpt"],
+        ["nope"],
+        ["demo", "--output-dir", str(existing)],
+        ["convert", "ckpt", "--lora", str(existing)],
+    ]
     script = f"""
 import contextlib, io, json, sys
 import inilora_hf.cli.app
@@ -134,14 +142,21 @@ def test_demo_reruns_refuse_then_overwrite_replaces_the_whole_folder(tmp_path: P
     argv = ["demo", "--output-dir", str(out), "--variant", "pissa", "--train-steps", "2", "--cache-dir", str(cache)]
     assert main(argv) == 0
     first = snapshot(out)
-    assert {"base/config.json", "adapter/adapter_config.json", "merged/model.safetensors", "lora/adapter_config.json",
-            "factors/inilora_factors.json"} <= set(first)
+    assert {
+        "base/config.json",
+        "adapter/adapter_config.json",
+        "merged/model.safetensors",
+        "lora/adapter_config.json",
+        "factors/inilora_factors.json",
+    } <= set(first)
     capsys.readouterr()
 
     assert main(argv) == 2  # the README's command, run again: refused before anything is written
     err = capsys.readouterr().err
-    assert err == (f"inilora-hf demo: error: {out} already exists and is not empty; replace it with --overwrite "
-                   "(overwrite=True in Python), or choose another folder.\n")
+    assert err == (
+        f"inilora-hf demo: error: {out} already exists and is not empty; replace it with --overwrite "
+        "(overwrite=True in Python), or choose another folder.\n"
+    )
     assert snapshot(out) == first
 
     # A failing --overwrite run keeps the previous folder as it was (no half-replaced mix).
@@ -219,8 +234,17 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_previous_folder(tmp_path: 
     out = work / "demo"
     out.mkdir(parents=True)
     (out / "previous-run.txt").write_text("keep me")
-    argv = [console_script(), "demo", "--output-dir", str(out), "--overwrite", "--steps", "100000000",
-            "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        console_script(),
+        "demo",
+        "--output-dir",
+        str(out),
+        "--overwrite",
+        "--steps",
+        "100000000",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     # A child inherits an *ignored* SIGINT (shells start background jobs that way) but not a handler: with a
     # handler installed here, the child starts with the default disposition, as under an interactive terminal.
     previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -301,8 +325,17 @@ def test_demo_runs_the_data_driven_variant_it_lists(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "demo"
-    argv = ["demo", "--output-dir", str(out), "--variant", "lora-sb", "--train-steps", "1", "--cache-dir",
-            str(tmp_path / "cache")]
+    argv = [
+        "demo",
+        "--output-dir",
+        str(out),
+        "--variant",
+        "lora-sb",
+        "--train-steps",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(argv) == 0
     ids = torch.randint(4, 20, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -34,14 +34,20 @@ TOLERANCE = 1e-4
 INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 VARIANTS = [name for name in available_variants() if not get_variant(name).needs_gradients]
 # One extra case: PEFT's `modules_to_save` (a trained copy of lm_head) must survive both exports.
-CASES = VARIANTS + ["pissa+modules_to_save"]
+CASES = [*VARIANTS, "pissa+modules_to_save"]
 
 
 def make_tiny_base(directory: Path, seed: int = 0) -> Path:
     """The tiny Llama used as "original base model" throughout the tests, saved to `directory`."""
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
 
@@ -53,8 +59,15 @@ def init_for(case: str, base_dir: Path, cache_dir: Path):
     options = {"steps": 50} if variant == "inilora" else {}
     extra = {"modules_to_save": ["lm_head"]} if case.endswith("+modules_to_save") else None
     return inilora_init(
-        str(base_dir), variant=variant, rank=4, lora_alpha=8, use_rslora=bool(index % 2),
-        target_modules=["q_proj", "v_proj", "down_proj"], cache_dir=cache_dir, lora_config_kwargs=extra, **options,
+        str(base_dir),
+        variant=variant,
+        rank=4,
+        lora_alpha=8,
+        use_rslora=bool(index % 2),
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        cache_dir=cache_dir,
+        lora_config_kwargs=extra,
+        **options,
     )
 
 
@@ -114,13 +127,20 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
         type(model).save_pretrained(model, folder / "raw")  # what PEFT alone saves: the bug this module fixes
         cases[case], models[case] = str(folder), model
     spec = {"base": str(base_dir), "cases": cases, "input_ids": INPUT_IDS.tolist()}
-    run = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
-                         cwd=root, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, json.dumps(spec)], capture_output=True, text=True, cwd=root, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    return {"root": root, "base": base_dir, "results": results, "models": models, "unchanged": unchanged,
-            "factors_kept": factors_kept,
-            "folders": {k: Path(v) for k, v in cases.items()}}
+    return {
+        "root": root,
+        "base": base_dir,
+        "results": results,
+        "models": models,
+        "unchanged": unchanged,
+        "factors_kept": factors_kept,
+        "folders": {k: Path(v) for k, v in cases.items()},
+    }
 
 
 def test_reload_process_never_imported_inilora_hf(exported: dict) -> None:
@@ -177,7 +197,10 @@ def test_residual_adapter_is_stacked_from_trained_and_initial_factors(exported: 
     tensors = load_file(exported["folders"]["inilora"] / "lora" / "adapter_model.safetensors")
     layer = model.get_base_model().get_submodule(name)
     initial = model.factor_set.factors[name]
-    lora_A, lora_B = tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"]
+    lora_A, lora_B = (
+        tensors[f"base_model.model.{name}.lora_A.weight"],
+        tensors[f"base_model.model.{name}.lora_B.weight"],
+    )
     assert torch.equal(lora_A, torch.cat([layer.lora_A["default"].weight.detach(), initial.lora_A]))
     assert torch.equal(lora_B, torch.cat([layer.lora_B["default"].weight.detach(), -initial.lora_B], dim=1))
     assert not torch.equal(layer.lora_A["default"].weight.detach(), initial.lora_A)  # training moved A
@@ -197,7 +220,9 @@ def test_merged_weights_are_computed_in_fp32_and_cast_once(exported: dict, tmp_p
     assert torch.equal(tensors[f"{name}.weight"], expected.to(torch.bfloat16))
 
 
-def test_output_directory_is_written_atomically(exported: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_output_directory_is_written_atomically(
+    exported: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = exported["models"]["lora"]
     target = tmp_path / "lora"
     convert.to_lora(model, target)
@@ -221,7 +246,9 @@ def test_output_directory_is_written_atomically(exported: dict, tmp_path: Path, 
 
 
 def test_conversion_errors_name_the_problem(exported: dict, tmp_path: Path) -> None:
-    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(exported["base"]), LoraConfig(r=2, target_modules=["q_proj"]))
+    plain = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(exported["base"]), LoraConfig(r=2, target_modules=["q_proj"])
+    )
     with pytest.raises(ValueError, match="factor_set"):
         convert.to_lora(plain, tmp_path / "a")
     with pytest.raises(TypeError, match="PeftModel"):
@@ -230,13 +257,15 @@ def test_conversion_errors_name_the_problem(exported: dict, tmp_path: Path) -> N
         convert.to_merged(tmp_path, tmp_path / "c")
 
 
-def test_push_standard_checkpoints_with_model_cards(exported: dict, hub, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_standard_checkpoints_with_model_cards(
+    exported: dict, hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = exported["models"]["inilora"]
     model.factor_set.push_to_hub("tester/tiny-factors")
     monkeypatch.setattr(model, "factor_set", FactorSet.from_pretrained("tester/tiny-factors"))  # as if pulled
-    args = TrainingArguments(str(tmp_path / "run"), push_to_hub=True, hub_model_id="tester/tiny-inilora",
-                             hub_token=hub.token, report_to=[])
+    args = TrainingArguments(
+        str(tmp_path / "run"), push_to_hub=True, hub_model_id="tester/tiny-inilora", hub_token=hub.token, report_to=[]
+    )
     callback = PushStandardCheckpointCallback()
     callback.on_train_end(args, TrainerState(), TrainerControl(), model=model, processing_class=None)
     assert callback.pushed == {"merged": "tester/tiny-inilora-merged", "lora": "tester/tiny-inilora-lora"}
@@ -260,8 +289,9 @@ def test_push_standard_checkpoints_with_model_cards(exported: dict, hub, tmp_pat
 def test_push_also_shares_a_locally_computed_factor_set(exported: dict, hub, tmp_path: Path) -> None:
     model = copy.deepcopy(exported["models"]["pissa"])
     assert "source_repo" not in model.factor_set.info
-    args = TrainingArguments(str(tmp_path / "run"), push_to_hub=True, hub_model_id="tester/tiny-pissa",
-                             hub_token=hub.token, report_to=[])
+    args = TrainingArguments(
+        str(tmp_path / "run"), push_to_hub=True, hub_model_id="tester/tiny-pissa", hub_token=hub.token, report_to=[]
+    )
     callback = PushStandardCheckpointCallback(merged=False)
     callback.on_train_end(args, TrainerState(), TrainerControl(), model=model, processing_class=None)
     assert callback.pushed == {"factors": "tester/tiny-pissa-factors", "lora": "tester/tiny-pissa-lora"}

@@ -82,10 +82,18 @@ def test_exports_load_with_auto_classes_from_another_directory(relative_exports:
 
 
 def test_merged_checkpoint_keeps_the_base_inference_config(tiny_base_dir: Path, token_dataset, tmp_path: Path) -> None:
-    args = TrainingArguments(str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, save_strategy="no",
-                             report_to="none", use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=inilora_init(tiny_base_dir, variant="milora", rank=4)(), args=args,
-                      train_dataset=token_dataset)
+    args = TrainingArguments(
+        str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=inilora_init(tiny_base_dir, variant="milora", rank=4)(), args=args, train_dataset=token_dataset
+    )
     trainer.train()
     assert trainer.model.config.use_cache is False  # Trainer's training-time switch (args.use_cache)
     convert.to_merged(trainer.model, tmp_path / "merged")
@@ -102,8 +110,9 @@ def test_sequence_classification_exports_load_with_their_auto_classes(tmp_path: 
     LlamaForSequenceClassification(LlamaConfig(**TINY_LLAMA, num_labels=3, pad_token_id=0)).save_pretrained(
         tmp_path / "base"
     )
-    init = inilora_init(tmp_path / "base", variant="inilora-alpha", rank=4,
-                        model_class=AutoModelForSequenceClassification)
+    init = inilora_init(
+        tmp_path / "base", variant="inilora-alpha", rank=4, model_class=AutoModelForSequenceClassification
+    )
     model = init()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
@@ -117,7 +126,12 @@ def test_sequence_classification_exports_load_with_their_auto_classes(tmp_path: 
     assert read_json(tmp_path / "lora" / "adapter_config.json")["task_type"] == "SEQ_CLS"
     (tmp_path / "elsewhere").mkdir()
     reloaded = helpers.reload_exports_without_inilora(
-        tmp_path / "base", tmp_path / "merged", tmp_path / "lora", INPUT_IDS, logits, tmp_path,
+        tmp_path / "base",
+        tmp_path / "merged",
+        tmp_path / "lora",
+        INPUT_IDS,
+        logits,
+        tmp_path,
         cwd=tmp_path / "elsewhere",
         auto_classes=("AutoModelForSequenceClassification", "AutoPeftModelForSequenceClassification"),
     )
@@ -153,7 +167,12 @@ def test_hub_base_is_recorded_as_its_hub_id_and_loads_from_anywhere(hub, tiny_ba
     assert "base_model: tester/tiny-base" in card and "the Hub model `tester/tiny-base`" in card
     (tmp_path / "elsewhere").mkdir()
     reloaded = helpers.reload_exports_without_inilora(  # the subprocess inherits HF_ENDPOINT / HF_HOME
-        "tester/tiny-base", tmp_path / "merged", tmp_path / "lora", INPUT_IDS, logits, tmp_path,
+        "tester/tiny-base",
+        tmp_path / "merged",
+        tmp_path / "lora",
+        INPUT_IDS,
+        logits,
+        tmp_path,
         cwd=tmp_path / "elsewhere",
     )
     assert max(reloaded["auto_lora"], reloaded["lora"], reloaded["merged"]) <= TOLERANCE
@@ -167,14 +186,25 @@ def trained_run(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("trained")
     ids = torch.randint(4, 128, (16, 12), generator=torch.Generator().manual_seed(0)).tolist()
     dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(str(out / "run"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                             save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model_init=inilora_init(tiny_base_dir, variant="pissa", rank=4), args=args,
-                      train_dataset=dataset)
+    args = TrainingArguments(
+        str(out / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model_init=inilora_init(tiny_base_dir, variant="pissa", rank=4), args=args, train_dataset=dataset)
     trainer.train()
     trainer.save_model(str(out / "final"))
-    return {"checkpoint": out / "run" / "checkpoint-2", "final": out / "final",
-            "logits": helpers.logits_of(trainer.model.eval(), INPUT_IDS)}
+    return {
+        "checkpoint": out / "run" / "checkpoint-2",
+        "final": out / "final",
+        "logits": helpers.logits_of(trainer.model.eval(), INPUT_IDS),
+    }
 
 
 @pytest.mark.parametrize("folder", ["checkpoint", "final"])
@@ -216,7 +246,9 @@ def test_training_adapter_of_a_non_residual_variant_stays_a_plain_peft_adapter(
 
 def test_missing_local_base_is_named_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BaseModelNotFoundError, match=r"No checkpoint directory './no_such_model': .*Hub model id") as info:
+    with pytest.raises(
+        BaseModelNotFoundError, match=r"No checkpoint directory './no_such_model': .*Hub model id"
+    ) as info:
         inilora_init("./no_such_model")
     assert "alphanumeric" not in str(info.value)
     with pytest.raises(BaseModelNotFoundError, match=str(tmp_path / "gone")):
@@ -226,8 +258,12 @@ def test_missing_local_base_is_named_with_the_fix(tmp_path: Path, monkeypatch: p
 def test_hub_base_misses_name_the_repo(hub, tmp_path: Path) -> None:
     with pytest.raises(BaseModelNotFoundError, match=r"'tester/missing' is not a local directory and was not found"):
         inilora_init("tester/missing")()
-    with hub.offline(), pytest.raises(
-        BaseModelNotFoundError, match=r"'tester/missing' .*not in the local Hugging Face cache .*hf download tester/missing"
+    with (
+        hub.offline(),
+        pytest.raises(
+            BaseModelNotFoundError,
+            match=r"'tester/missing' .*not in the local Hugging Face cache .*hf download tester/missing",
+        ),
     ):
         inilora_init("tester/missing")()
 
@@ -239,8 +275,19 @@ def test_moved_base_of_a_checkpoint_is_named(tmp_path: Path, capsys) -> None:
     with pytest.raises(BaseModelNotFoundError, match=rf"No checkpoint directory '{tmp_path / 'base'}'.*base_model="):
         load_trained(tmp_path / "adapter")
     capsys.readouterr()
-    assert main(["convert", str(tmp_path / "adapter"), "--merged", str(tmp_path / "m"),
-                 "--base-model", str(tmp_path / "nowhere")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "adapter"),
+                "--merged",
+                str(tmp_path / "m"),
+                "--base-model",
+                str(tmp_path / "nowhere"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("inilora-hf convert: error: No checkpoint directory") and err.count("\n") == 1
     assert load_trained(tmp_path / "adapter", base_model=tmp_path / "moved") is not None

@@ -46,8 +46,10 @@ def test_sharded_save_writes_an_index_and_loads(tmp_path, factor_set) -> None:
     files = sorted(p.name for p in (tmp_path / "fs").iterdir())
     assert "factors.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
     loaded = FactorSet.from_pretrained(tmp_path / "fs")
-    assert torch.equal(loaded.factors["model.layers.1.self_attn.v_proj"].lora_B,
-                       factor_set.factors["model.layers.1.self_attn.v_proj"].lora_B)
+    assert torch.equal(
+        loaded.factors["model.layers.1.self_attn.v_proj"].lora_B,
+        factor_set.factors["model.layers.1.self_attn.v_proj"].lora_B,
+    )
 
 
 def test_second_init_hits_the_cache_and_changes_miss(isolated_factor_cache) -> None:
@@ -97,7 +99,10 @@ def test_given_factor_set_is_applied_and_checked(tmp_path, factor_set) -> None:
 
 def test_factor_set_for_another_model_is_refused(tmp_path, factor_set) -> None:
     factor_set.save_pretrained(tmp_path / "fs")
-    with pytest.raises(FactorSetMismatchError, match=r"Module 'model\.layers\.0\.self_attn\.q_proj' of this model has different weights"):
+    with pytest.raises(
+        FactorSetMismatchError,
+        match=r"Module 'model\.layers\.0\.self_attn\.q_proj' of this model has different weights",
+    ):
         inilora_init(tiny_llama(seed=7), factors=tmp_path / "fs")()
     with pytest.raises(FactorSetMismatchError, match=r"has shape \(96, 96\) but the factor set expects \(64, 64\)"):
         inilora_init(tiny_llama(hidden_size=96, intermediate_size=192), factors=tmp_path / "fs")()

@@ -157,7 +157,9 @@ def test_loaded_model_and_use_cache_false_always_hash(
     assert len(calls) == 2 * len(TARGETS)
 
 
-def test_bf16_load_gets_its_own_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_factor_cache: Path) -> None:
+def test_bf16_load_gets_its_own_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_factor_cache: Path
+) -> None:
     base = _saved_llama(tmp_path / "base", seed=0)
     _init(base)()
     calls = _hashed(monkeypatch)

@@ -61,7 +61,7 @@ def test_adam_fit_leaves_inputs_untouched() -> None:
     W, B0, A0 = _problem((2, 16, 12), rank=3)
     copies = [t.clone() for t in (W, B0, A0)]
     adam_fit(W, B0, A0, steps=5)
-    for before, after in zip(copies, (W, B0, A0)):
+    for before, after in zip(copies, (W, B0, A0), strict=True):
         assert torch.equal(before, after)
 
 
@@ -137,7 +137,9 @@ def test_randomized_svd_factors_reach_the_optimum() -> None:
     S = np.linalg.svd(W.double().numpy(), compute_uv=False)
     for l in range(3):
         balance = 4 * svd_backward_error(S[l], W.shape)
-        torch.testing.assert_close(B[l].double().mT @ B[l].double(), A[l].double() @ A[l].double().mT, rtol=0, atol=balance)
+        torch.testing.assert_close(
+            B[l].double().mT @ B[l].double(), A[l].double() @ A[l].double().mT, rtol=0, atol=balance
+        )
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 64), (2, 32, 64)], ids=["q_proj", "v_proj"])

@@ -24,9 +24,9 @@ from inilora_hf.errors import (
     FactorSetNotFoundError,
     HubAuthenticationError,
 )
+from inilora_hf.factorsets.card import MAX_TABLE_ROWS, factor_set_card
 from inilora_hf.factorsets.publish import download_factor_set, push_factor_set
 from inilora_hf.hub.transport import snapshot_commit
-from inilora_hf.factorsets.card import MAX_TABLE_ROWS, factor_set_card
 from tests.conftest import tiny_llama
 
 REPO = "tester/tiny-llama-inilora-r8"
@@ -77,11 +77,15 @@ def test_push_hf_download_and_reload_reproduce_the_init(hub, factor_set: FactorS
     info = push_factor_set(factor_set, REPO)
 
     repo = hub.store.repo(REPO)
-    assert [c.oid for c in repo.history()][0] == info.oid
+    assert next(c.oid for c in repo.history()) == info.oid
     assert len(repo.history()) == 2, "factors, metadata, card and init_adapter/ must arrive in ONE commit"
     assert sorted(repo.files()) == [
-        ".gitattributes", "README.md", "factors.safetensors", "inilora_factors.json",
-        "init_adapter/adapter_config.json", "init_adapter/adapter_model.safetensors",
+        ".gitattributes",
+        "README.md",
+        "factors.safetensors",
+        "inilora_factors.json",
+        "init_adapter/adapter_config.json",
+        "init_adapter/adapter_model.safetensors",
     ]
 
     # The stock CLI downloads the whole repo into the standard cache.
@@ -125,8 +129,13 @@ def test_push_replaces_files_of_an_earlier_factor_set(hub, factor_set: FactorSet
     push_factor_set(factor_set, REPO)
     assert len(hub.store.repo(REPO).history()) == commits + 1
     assert sorted(hub.store.repo(REPO).files()) == [
-        ".gitattributes", "NOTES.md", "README.md", "factors.safetensors", "inilora_factors.json",
-        "init_adapter/adapter_config.json", "init_adapter/adapter_model.safetensors",
+        ".gitattributes",
+        "NOTES.md",
+        "README.md",
+        "factors.safetensors",
+        "inilora_factors.json",
+        "init_adapter/adapter_config.json",
+        "init_adapter/adapter_model.safetensors",
     ]
 
 
@@ -194,9 +203,7 @@ def test_init_adapter_loads_with_plain_peft_as_the_card_says(hub, factor_set: Fa
 # ------------------------------------------------------------------------------------------ revisions / offline
 
 
-def test_pull_by_commit_returns_that_revisions_factors(
-    hub, factor_set: FactorSet, other_factor_set: FactorSet
-) -> None:
+def test_pull_by_commit_returns_that_revisions_factors(hub, factor_set: FactorSet, other_factor_set: FactorSet) -> None:
     old = push_factor_set(factor_set, REPO)
     new = push_factor_set(other_factor_set, REPO, commit_message="PiSSA instead")
     assert old.oid != new.oid
@@ -217,13 +224,10 @@ def test_pull_by_commit_returns_that_revisions_factors(
     _assert_same_tensors(FactorSet.from_pretrained(REPO, revision="main"), other_factor_set)
 
 
-def test_offline_works_after_one_pull_and_fails_clearly_before(
-    hub, factor_set: FactorSet, tiny_base_dir: Path
-) -> None:
+def test_offline_works_after_one_pull_and_fails_clearly_before(hub, factor_set: FactorSet, tiny_base_dir: Path) -> None:
     info = push_factor_set(factor_set, REPO)
-    with hub.offline():
-        with pytest.raises(FactorSetNotFoundError) as error:
-            FactorSet.from_pretrained(REPO)
+    with hub.offline(), pytest.raises(FactorSetNotFoundError) as error:
+        FactorSet.from_pretrained(REPO)
     message = str(error.value)
     assert REPO in message and "HF_HUB_OFFLINE" in message and f"inilora-hf pull {REPO}" in message
 
@@ -266,7 +270,7 @@ def test_model_card_metadata_and_body(hub, factor_set: FactorSet, tiny_base_dir:
     for name, stats in factor_set.stats.items():
         row = next(line for line in card.text.splitlines() if line.startswith(f"| `{name}` |"))
         assert f"{stats['mse']:.4g}" in row and f"{stats['mse_ratio']:.4g}" in row
-    assert f"inilora_init(\"{BASE_ID}\", factors=\"{REPO}\")" in card.text
+    assert f'inilora_init("{BASE_ID}", factors="{REPO}")' in card.text
     assert f"hf download {REPO}" in card.text
     assert f"{factor_set.info['compute_device']}" in card.text
     assert "xue2025inilora" in card.text  # the method's citation
@@ -339,8 +343,9 @@ def test_repo_that_is_not_a_factor_set(hub, tiny_base_dir: Path) -> None:
 def test_repo_missing_a_listed_factor_file(hub, factor_set: FactorSet, tmp_path: Path) -> None:
     factor_set.save_pretrained(tmp_path / "fs")
     hub.api.create_repo(REPO)
-    hub.api.upload_file(repo_id=REPO, path_or_fileobj=tmp_path / "fs" / "inilora_factors.json",
-                        path_in_repo="inilora_factors.json")
+    hub.api.upload_file(
+        repo_id=REPO, path_or_fileobj=tmp_path / "fs" / "inilora_factors.json", path_in_repo="inilora_factors.json"
+    )
     with pytest.raises(FactorSetCorruptError, match=f"{REPO} .*'factors.safetensors'.*Push it again"):
         FactorSet.from_pretrained(REPO)
 

@@ -20,11 +20,11 @@ from huggingface_hub import constants
 from safetensors.torch import load as load_safetensors
 
 from inilora_hf import FactorSet, ModuleFactors, inilora_init
-from inilora_hf.hub import transport as inilora_hub
-from inilora_hf.factorsets.cache import MANIFEST_NAME, verify_manifest
 from inilora_hf.cli.app import main
 from inilora_hf.errors import FactorSetCorruptError, FactorSetHubError
+from inilora_hf.factorsets.cache import MANIFEST_NAME, verify_manifest
 from inilora_hf.factorsets.publish import download_factor_set, push_factor_set
+from inilora_hf.hub import transport as inilora_hub
 
 REPO = "tester/tiny-llama-pissa-r8"
 BASE_ID = "tester/tiny-llama"  # created on the fake Hub, so that the card links it and pushes log no warning
@@ -35,8 +35,12 @@ HF_CLI = str(Path(sys.executable).with_name("hf"))
 CLIENT_TIMEOUT_S = 1  # HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT in these tests; a "slow" answer waits 2 s
 TRIES = 3  # inilora_hf.hub.transport.TRIES: tries in all for what huggingface_hub does not retry
 REPO_FILES = {
-    ".gitattributes", "README.md", "factors.safetensors", "inilora_factors.json",
-    "init_adapter/adapter_config.json", "init_adapter/adapter_model.safetensors",
+    ".gitattributes",
+    "README.md",
+    "factors.safetensors",
+    "inilora_factors.json",
+    "init_adapter/adapter_config.json",
+    "init_adapter/adapter_model.safetensors",
 }
 
 FAULTS: dict[str, dict] = {
@@ -230,8 +234,11 @@ def _download(operation: str, hub: SimpleNamespace, base_dir: Path, capsys) -> d
     if operation == "inilora_init":
         model = inilora_init(base_dir, factors=REPO)()
         layers = {m: model.get_submodule(f"base_model.model.{m}") for m in model.factor_set.factors}
-        return {f"{m}.{ab}": getattr(layer, ab)["default"].weight.detach() for m, layer in layers.items()
-                for ab in ("lora_A", "lora_B")}
+        return {
+            f"{m}.{ab}": getattr(layer, ab)["default"].weight.detach()
+            for m, layer in layers.items()
+            for ab in ("lora_A", "lora_B")
+        }
     run = _run(HF_CLI, "download", REPO, "--quiet", env=hub.env)
     if run.returncode != 0:
         return None
@@ -272,9 +279,7 @@ def test_a_damaged_metadata_file_is_fetched_again_not_trusted(
     _assert_later_run_is_correct(faulty_hub, factor_set, isolated_factor_cache)
 
 
-def test_a_dropped_metadata_request_is_retried(
-    faulty_hub: SimpleNamespace, factor_set: FactorSet, pushed: str
-) -> None:
+def test_a_dropped_metadata_request_is_retried(faulty_hub: SimpleNamespace, factor_set: FactorSet, pushed: str) -> None:
     injected = faulty_hub.store.inject("drop", "HEAD", METADATA_GET)  # huggingface_hub does not retry this one
     _assert_same_factors(_flat(FactorSet.from_pretrained(REPO)), factor_set)
     assert injected.hits == 1

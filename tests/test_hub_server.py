@@ -119,8 +119,12 @@ def test_refs_tree_and_paths_info(hub: SimpleNamespace, pushed: dict[str, bytes]
     assert api.file_exists(REPO, "extra.txt", revision="dev") and not api.file_exists(REPO, "extra.txt")
 
     top = {e.path: type(e).__name__ for e in api.list_repo_tree(REPO)}
-    assert top == {".gitattributes": "RepoFile", "README.md": "RepoFile",
-                   "factors.safetensors": "RepoFile", "sub": "RepoFolder"}
+    assert top == {
+        ".gitattributes": "RepoFile",
+        "README.md": "RepoFile",
+        "factors.safetensors": "RepoFile",
+        "sub": "RepoFolder",
+    }
     deep = {e.path for e in api.list_repo_tree(REPO, path_in_repo="sub", recursive=True)}
     assert deep == {"sub/config.json", "sub/deeper", "sub/deeper/notes.txt"}
     info = {e.path: e for e in api.get_paths_info(REPO, ["README.md", "sub", "missing"], revision="v1")}
@@ -182,8 +186,9 @@ def test_cli_download_in_subprocess(hub: SimpleNamespace, pushed: dict[str, byte
     hf = shutil.which("hf", path=str(Path(sys.executable).parent))
     cmd = [hf] if hf else [sys.executable, "-m", "huggingface_hub.cli.hf"]
     out = tmp_path / "out"
-    proc = subprocess.run([*cmd, "download", REPO, "--local-dir", str(out)], env=hub.env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*cmd, "download", REPO, "--local-dir", str(out)], env=hub.env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert {k: v for k, v in _read_tree(out).items() if k != ".gitattributes"} == pushed
     assert ("GET", f"/{REPO}/resolve/{hub.store.repo(REPO).head().oid}/factors.safetensors") in hub.store.requests
@@ -240,16 +245,25 @@ def test_offline_mode(hub: SimpleNamespace, pushed: dict[str, bytes]) -> None:
 def test_cli_offline_uses_cache(hub: SimpleNamespace, pushed: dict[str, bytes]) -> None:
     online = hub.api.snapshot_download(REPO)
     hub.store.requests.clear()
-    proc = subprocess.run([sys.executable, "-m", "huggingface_hub.cli.hf", "download", REPO, "--quiet"],
-                          env=hub.offline_env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "huggingface_hub.cli.hf", "download", REPO, "--quiet"],
+        env=hub.offline_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == online and hub.store.requests == []
 
 
 def test_commit_operations_pr_and_private(hub: SimpleNamespace, pushed: dict[str, bytes]) -> None:
     api, head = hub.api, hub.store.repo(REPO).head().oid
-    info = api.create_commit(REPO, [CommitOperationDelete("sub/"), CommitOperationAdd("n.txt", b"n")],
-                             commit_message="via PR", create_pr=True)
+    info = api.create_commit(
+        REPO,
+        [CommitOperationDelete("sub/"), CommitOperationAdd("n.txt", b"n")],
+        commit_message="via PR",
+        create_pr=True,
+    )
     assert info.pr_url.endswith("/discussions/1") and hub.store.repo(REPO).head().oid == head
     pr_files = hub.store.repo(REPO).files("refs/pr/1")
     assert "n.txt" in pr_files and not any(p.startswith("sub/") for p in pr_files)
@@ -263,8 +277,9 @@ def test_commit_operations_pr_and_private(hub: SimpleNamespace, pushed: dict[str
 
 def test_dataset_repo_roundtrip(hub: SimpleNamespace) -> None:
     hub.api.create_repo("tester/data", repo_type="dataset")
-    hub.api.upload_file(path_or_fileobj=b'{"x": 1}\n', path_in_repo="train.jsonl",
-                        repo_id="tester/data", repo_type="dataset")
+    hub.api.upload_file(
+        path_or_fileobj=b'{"x": 1}\n', path_in_repo="train.jsonl", repo_id="tester/data", repo_type="dataset"
+    )
     path = hub.api.hf_hub_download("tester/data", "train.jsonl", repo_type="dataset")
     assert Path(path).read_bytes() == b'{"x": 1}\n'
     assert "datasets--tester--data" in path

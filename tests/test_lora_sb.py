@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from inilora_hf import SFTTrainer, convert, inilora_init, load_trained
+from inilora_hf.adapters.loraxs import count_core_parameters
 from inilora_hf.training.calibration import (
     calibration_set,
     estimate_gradients,
@@ -22,7 +23,6 @@ from inilora_hf.training.calibration import (
     input_covariances,
     pad_collate,
 )
-from inilora_hf.adapters.loraxs import count_core_parameters
 from tests import helpers
 
 RANK, ALPHA, ETA = 4, 8, 1e-3  # scaling s = 2
@@ -40,8 +40,17 @@ def rows() -> list[dict]:
 
 
 def lora_sb_init(base, rows, cache_dir, **overrides):
-    kwargs = dict(variant="lora-sb", rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS, eta=ETA,
-                  calibration_data=rows, calibration_samples=SAMPLES, calibration_batch_size=BATCH, cache_dir=cache_dir)
+    kwargs = dict(
+        variant="lora-sb",
+        rank=RANK,
+        lora_alpha=ALPHA,
+        target_modules=TARGETS,
+        eta=ETA,
+        calibration_data=rows,
+        calibration_samples=SAMPLES,
+        calibration_batch_size=BATCH,
+        cache_dir=cache_dir,
+    )
     return inilora_init(base, **{**kwargs, **overrides})
 
 
@@ -80,9 +89,13 @@ def test_factors_are_orthonormal_and_the_best_rank_r_first_step(tiny_base_dir: P
         U, S, Vt = np.linalg.svd(update, full_matrices=False)
         best = (U[:, :RANK] * S[:RANK]) @ Vt[:RANK]
         scaling = ALPHA / RANK
-        assert np.abs(scaling * B @ core @ A - best).max() <= helpers.truncated_svd_tolerance(S, update.shape, RANK), name
+        assert np.abs(scaling * B @ core @ A - best).max() <= helpers.truncated_svd_tolerance(S, update.shape, RANK), (
+            name
+        )
         # R = Σ_r / s, each fp32 singular value within the backward error E of the exact one (Weyl).
-        assert np.allclose(core, np.diag(S[:RANK]) / scaling, rtol=0, atol=helpers.svd_backward_error(S, update.shape) / scaling), name
+        assert np.allclose(
+            core, np.diag(S[:RANK]) / scaling, rtol=0, atol=helpers.svd_backward_error(S, update.shape) / scaling
+        ), name
     assert factor_set.config.options["eta"] == ETA
     assert factor_set.config.options["calibration"]["samples"] == SAMPLES
 
@@ -91,7 +104,9 @@ def test_calibration_sees_exactly_n_samples_and_restores_the_model(tiny_base_dir
     model = AutoModelForCausalLM.from_pretrained(tiny_base_dir).eval()
     model.model.embed_tokens.weight.requires_grad_(False)  # an unusual flag that must survive
     seen: list[int] = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {n: t.clone() for n, t in model.state_dict().items()}
 
@@ -119,7 +134,9 @@ def test_calibration_sees_exactly_n_samples_and_restores_the_model(tiny_base_dir
 def test_cache_key_covers_the_calibration_samples(tiny_base_dir: Path, rows, tmp_path: Path) -> None:
     counted: list[int] = []
     base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
-    base.register_forward_pre_hook(lambda module, args, kwargs: counted.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    base.register_forward_pre_hook(
+        lambda module, args, kwargs: counted.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     first = lora_sb_init(base, rows, tmp_path)
     first.prepare()
     assert first.factor_source == "computed" and sum(counted) == SAMPLES
@@ -142,8 +159,6 @@ def test_missing_data_or_eta_is_explained(tiny_base_dir: Path, rows, tmp_path: P
 
 
 # ------------------------------------------------------------------------------------- training and export
-
-
 
 
 def test_only_cores_train_and_exports_reproduce_the_trained_model(tiny_base_dir: Path, rows, tmp_path: Path) -> None:
@@ -174,7 +189,9 @@ def test_only_cores_train_and_exports_reproduce_the_trained_model(tiny_base_dir:
     assert result["merged"] <= TOLERANCE and result["lora"] <= TOLERANCE
 
     model.save_pretrained(tmp_path / "checkpoint")  # PEFT's own save: A, B and the core
-    assert any(key.endswith("lora_core.weight") for key in load_file(tmp_path / "checkpoint" / "adapter_model.safetensors"))
+    assert any(
+        key.endswith("lora_core.weight") for key in load_file(tmp_path / "checkpoint" / "adapter_model.safetensors")
+    )
     reloaded = load_trained(tmp_path / "checkpoint", is_trainable=True)
     assert (logits_of(reloaded) - trained).abs().max() <= 1e-6
     assert all(".lora_core." in n for n, p in reloaded.named_parameters() if p.requires_grad)
@@ -198,14 +215,27 @@ def test_sft_trainer_uses_its_train_dataset_and_derives_eta(tmp_path: Path, demo
     from inilora_hf.cli.demo import demo_dataset
 
     args = SFTConfig(
-        output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
-        warmup_steps=2, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-        gradient_checkpointing=False, use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "sft"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        disable_tqdm=True,
     )
     init = inilora_init(demo_base, variant="lora-sb", rank=RANK, calibration_samples=12)
     assert init.needs_calibration_data
-    trainer = SFTTrainer(model_init=init, args=args, train_dataset=demo_dataset(),
-                         processing_class=AutoTokenizer.from_pretrained(demo_base))
+    trainer = SFTTrainer(
+        model_init=init,
+        args=args,
+        train_dataset=demo_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(demo_base),
+    )
     # The samples are the trainer's own prepared train rows, batched by its collator and batch size (8 + 4).
     expected = calibration_set(trainer.train_dataset, samples=12, batch_size=8, collate_fn=trainer.data_collator)
     assert init.config.options["calibration"] == {"sha256": expected.sha256, "samples": 12}

@@ -19,13 +19,11 @@ def test_replacement_happens_only_when_the_new_folder_is_complete(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with pytest.raises(OutputExistsError, match="overwrite=True"):
-        with staged_output_dir(target):
-            pass
-    with pytest.raises(RuntimeError):
-        with staged_output_dir(target, overwrite=True) as staged:
-            (staged / "new.txt").write_text("half")
-            raise RuntimeError("job failed")
+    with pytest.raises(OutputExistsError, match="overwrite=True"), staged_output_dir(target):
+        pass
+    with pytest.raises(RuntimeError), staged_output_dir(target, overwrite=True) as staged:
+        (staged / "new.txt").write_text("half")
+        raise RuntimeError("job failed")
     assert _tree(target) == {"old.txt": "old"}
     with staged_output_dir(target, overwrite=True) as staged:
         (staged / "new.txt").write_text("new")
@@ -47,8 +45,7 @@ def test_a_failure_between_the_two_renames_puts_the_old_folder_back(tmp_path, mo
         real_replace(src, dst)
 
     monkeypatch.setattr(output_dirs.os, "replace", replace)
-    with pytest.raises(OSError, match="disk full"):
-        with staged_output_dir(target, overwrite=True) as staged:
-            (staged / "new.txt").write_text("new")
+    with pytest.raises(OSError, match="disk full"), staged_output_dir(target, overwrite=True) as staged:
+        (staged / "new.txt").write_text("new")
     assert _tree(target) == {"old.txt": "old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

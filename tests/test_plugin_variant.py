@@ -36,13 +36,13 @@ def plugin_projection(inputs: VariantInputs) -> dict[str, ModuleFactors]:
 
 
 def make_init(base_dir: Path, cache_dir: Path, **kwargs):
-    return inilora_init(base_dir, variant="plugin-projection", rank=RANK, lora_alpha=ALPHA, cache_dir=cache_dir, **kwargs)
+    return inilora_init(
+        base_dir, variant="plugin-projection", rank=RANK, lora_alpha=ALPHA, cache_dir=cache_dir, **kwargs
+    )
 
 
 def logits_of(model: torch.nn.Module) -> torch.Tensor:
     return helpers.logits_of(model, INPUT_IDS)
-
-
 
 
 def test_plugin_variant_goes_through_the_whole_pipeline(hub, tiny_base_dir: Path, tmp_path: Path) -> None:

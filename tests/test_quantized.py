@@ -54,9 +54,17 @@ def test_fidelity_report_matches_independent_dequantization(base_dir, kind) -> N
         expected_qlora = ((qlora - w0).norm() / w0.norm()).item()
         # Both sides compute the same fp32 norms: each sums m·n squares (γ_mn), and each entry of the difference rounds
         # within γ_(r+2) of its terms' magnitude, relative to the difference's norm.
-        magnitude = (residual.abs() + layer.scaling["default"] * (lora_B.float().abs() @ lora_A.float().abs()) + w0.abs()).norm()
-        init_rel = fp32_gamma(row.shape[0] * row.shape[1]) + fp32_gamma(lora_A.shape[0] + 2) * magnitude / (residual + delta - w0).norm()
-        qlora_rel = fp32_gamma(row.shape[0] * row.shape[1]) + fp32_gamma(1) * (qlora.abs() + w0.abs()).norm() / (qlora - w0).norm()
+        magnitude = (
+            residual.abs() + layer.scaling["default"] * (lora_B.float().abs() @ lora_A.float().abs()) + w0.abs()
+        ).norm()
+        init_rel = (
+            fp32_gamma(row.shape[0] * row.shape[1])
+            + fp32_gamma(lora_A.shape[0] + 2) * magnitude / (residual + delta - w0).norm()
+        )
+        qlora_rel = (
+            fp32_gamma(row.shape[0] * row.shape[1])
+            + fp32_gamma(1) * (qlora.abs() + w0.abs()).norm() / (qlora - w0).norm()
+        )
         assert row.quantized_init_error == pytest.approx(expected_init, rel=2 * init_rel.item())
         assert row.qlora_error == pytest.approx(expected_qlora, rel=2 * qlora_rel.item())
         assert row.storage_dtype == ("bnb-4bit" if kind == "nf4" else "bnb-8bit")
@@ -69,8 +77,9 @@ def test_wide_init_is_flagged_and_refinement_helps_inilora(base_dir, caplog) -> 
     assert all(m.quantized_init_error > 10 * m.qlora_error for m in alpha.init_report.modules)
 
     def mean_error(refine_steps: int) -> float:
-        model = inilora_init(base_dir, variant="inilora", steps=300, refine_steps=refine_steps,
-                             quantization_config=CONFIGS["nf4"]())()
+        model = inilora_init(
+            base_dir, variant="inilora", steps=300, refine_steps=refine_steps, quantization_config=CONFIGS["nf4"]()
+        )()
         return sum(m.quantized_init_error for m in model.init_report.modules) / len(model.init_report.modules)
 
     one_shot, refined = mean_error(0), mean_error(3)
@@ -85,7 +94,8 @@ def test_mismatched_quantization_settings_are_refused(base_dir, tmp_path) -> Non
     with pytest.raises(ValueError, match="computed for a quantized base with .*'nf4'.*'fp4'.*same BitsAndBytesConfig"):
         inilora_init(base_dir, factors=tmp_path / "fs", quantization_config=fp4)()
     # The same settings load it (and reuse its stored residual): R + s·B·A = W0 up to fp32 rounding, so what is left
-    # is NF4's rounding of R, at most half the widest gap of bitsandbytes' NF4 code book times the block absmax ≤ max|R|.
+    # is NF4's rounding of R, at most half the widest gap of bitsandbytes' NF4 code book times the block absmax
+    # ≤ max|R|.
     model = inilora_init(base_dir, factors=tmp_path / "fs", quantization_config=CONFIGS["nf4"]())()
     full = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     half_gap = bnb.functional.get_4bit_type("nf4", device="cpu").diff().max().item() / 2
@@ -131,9 +141,17 @@ def test_sft_steps_save_and_merged_conversion(base_dir, tmp_path, kind, record_p
     trainer = SFTTrainer(
         model_init=init,
         args=SFTConfig(
-            output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
-            save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False, use_cpu=True,
-            disable_tqdm=True, logging_steps=1,
+            output_dir=str(tmp_path / "run"),
+            max_steps=2,
+            per_device_train_batch_size=8,
+            learning_rate=1e-2,
+            save_strategy="no",
+            report_to="none",
+            bf16=False,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            disable_tqdm=True,
+            logging_steps=1,
         ),
         train_dataset=demo_dataset(),
         processing_class=AutoTokenizer.from_pretrained(base_dir),
@@ -162,6 +180,7 @@ def test_sft_steps_save_and_merged_conversion(base_dir, tmp_path, kind, record_p
     trainer.model.eval()
     gap = (logits_of(trainer.model, ids) - expected).abs().max().item()
     record_property(f"quantized_forward_vs_fp32_max_abs_dlogits[{kind}]", gap)
-    logger.info("%s: trained (bf16 LoRA, bitsandbytes kernels) vs fp32 deq(Q(R)) + s·B·A: max |Δlogits| = %.3g",
-                kind, gap)
+    logger.info(
+        "%s: trained (bf16 LoRA, bitsandbytes kernels) vs fp32 deq(Q(R)) + s·B·A: max |Δlogits| = %.3g", kind, gap
+    )
     assert math.isfinite(gap)

@@ -31,8 +31,16 @@ def make_trainer(base_dir: Path, cache_dir: Path, output_dir: Path, callbacks: l
     data = [{"input_ids": row, "labels": row} for row in rows]
     init = inilora_init(str(base_dir), variant="inilora", rank=4, lora_alpha=8, cache_dir=cache_dir, steps=50)
     args = TrainingArguments(
-        str(output_dir), max_steps=4, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
-        learning_rate=1e-2, seed=0, report_to=[], use_cpu=True, disable_tqdm=True,
+        str(output_dir),
+        max_steps=4,
+        save_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
     )
     return Trainer(model_init=init, args=args, train_dataset=data, callbacks=callbacks)
 
@@ -93,12 +101,22 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.save(logits_of(trainer.model), first / "logits.pt")
     spec = {"base": str(base_dir), "cache": str(cache_dir), "first": str(first), "second": str(root / "second")}
     started = time.perf_counter()
-    process = subprocess.run([sys.executable, "-c", NEW_PROCESS_SCRIPT, str(REPO), json.dumps(spec)],
-                             capture_output=True, text=True, cwd=root, timeout=300)
+    process = subprocess.run(
+        [sys.executable, "-c", NEW_PROCESS_SCRIPT, str(REPO), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr[-3000:]
     return {
-        "root": root, "base": base_dir, "first": first, "second": root / "second", "trainer": trainer,
-        "logits": torch.load(first / "logits.pt"), "new_process": json.loads(process.stdout.strip().splitlines()[-1]),
+        "root": root,
+        "base": base_dir,
+        "first": first,
+        "second": root / "second",
+        "trainer": trainer,
+        "logits": torch.load(first / "logits.pt"),
+        "new_process": json.loads(process.stdout.strip().splitlines()[-1]),
         # Merged weights or a rebuilt R reorder the fp32 arithmetic: the derived fp32 bound for these logits.
         "tolerance": fp32_logits_tolerance(trainer.model.get_base_model(), INPUT_IDS, 4),
         "subprocess_seconds": time.perf_counter() - started,
@@ -116,7 +134,9 @@ def test_resume_in_new_process_matches_straight_run(run: dict) -> None:
     assert run["new_process"]["adapters"] == ["default"]
 
 
-@pytest.mark.parametrize("key", ["load_trained/checkpoint-4", "load_trained/final", "to_merged(checkpoint)", "export/merged"])
+@pytest.mark.parametrize(
+    "key", ["load_trained/checkpoint-4", "load_trained/final", "to_merged(checkpoint)", "export/merged"]
+)
 def test_files_alone_give_trained_logits_in_new_process(run: dict, key: str) -> None:
     assert run["new_process"][key] <= run["tolerance"]
 
@@ -143,7 +163,9 @@ def test_init_metadata_in_every_checkpoint_and_save_model_output(run: dict, fold
 def test_export_callback_writes_standard_checkpoints(run: dict, folder: str) -> None:
     export = run["first"] / folder / "export"
     assert {"model.safetensors", "config.json"} <= {p.name for p in (export / "merged").iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} == {p.name for p in (export / "lora").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} == {
+        p.name for p in (export / "lora").iterdir()
+    }
     assert json.loads((export / "lora" / "adapter_config.json").read_text())["r"] == 8  # 2r: residual variant
 
 
@@ -243,12 +265,26 @@ def test_sft_trainer_checkpoints_carry_metadata_and_exports(tmp_path: Path) -> N
     dataset = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in row) for row in rows]})
     init = inilora_init(str(base_dir), variant="pissa", rank=4, cache_dir=tmp_path / "cache")
     config = SFTConfig(
-        str(tmp_path / "out"), max_steps=2, save_steps=1, logging_steps=1, per_device_train_batch_size=4,
-        learning_rate=1e-2, bf16=False, gradient_checkpointing=False, report_to=[], use_cpu=True, max_length=16,
+        str(tmp_path / "out"),
+        max_steps=2,
+        save_steps=1,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        use_cpu=True,
+        max_length=16,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model_init=init, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[ExportCallback(merged=False, lora=True)])
+    trainer = SFTTrainer(
+        model_init=init,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[ExportCallback(merged=False, lora=True)],
+    )
     trainer.add_callback(InitReportCallback(trainer))
     trainer.train()
     assert [e["step"] for e in trainer.state.log_history if "init/max_reconstruction_error" in e] == [0]
@@ -282,7 +318,9 @@ def test_hyperparameter_search_builds_each_trial_from_the_init_and_exports_per_r
     trainer.model_init = model_init
     trainer.eval_dataset = trainer.train_dataset
     best = trainer.hyperparameter_search(
-        direction="minimize", backend="optuna", n_trials=2,
+        direction="minimize",
+        backend="optuna",
+        n_trials=2,
         hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)},
     )
     assert best.run_id is not None

@@ -13,8 +13,8 @@ import torch
 from peft import PeftModel
 
 from inilora_hf import FactorSet, InitConfig, TargetModuleError, inilora_init
-from inilora_hf.factorsets.compute import run_variant
 from inilora_hf.errors import FactorSetMismatchError
+from inilora_hf.factorsets.compute import run_variant
 from inilora_hf.factorsets.streaming import compute_streamed, parse_memory
 from inilora_hf.variants import registry
 from tests.conftest import tiny_llama
@@ -48,8 +48,14 @@ def _config(variant: str, **overrides) -> InitConfig:
 
 def _in_memory(base: Path, variant: str, **kwargs) -> FactorSet:
     return inilora_init(
-        base, variant=variant, rank=RANK, target_modules=TARGETS, use_cache=False, device="cpu",
-        **OPTIONS[variant], **kwargs,
+        base,
+        variant=variant,
+        rank=RANK,
+        target_modules=TARGETS,
+        use_cache=False,
+        device="cpu",
+        **OPTIONS[variant],
+        **kwargs,
     ).prepare()
 
 
@@ -63,7 +69,9 @@ def _grouping_tolerance(variant: str, base: torch.nn.Module) -> dict[str, float]
             continue
         weight = module.weight.detach().double().numpy()
         if variant == "inilora":
-            tolerances[name] = adam_drift_bound(OPTIONS[variant]["steps"], 5e-4, accumulation=max(weight.shape) + RANK + 3)
+            tolerances[name] = adam_drift_bound(
+                OPTIONS[variant]["steps"], 5e-4, accumulation=max(weight.shape) + RANK + 3
+            )
         elif variant == "pissa":
             singular = np.linalg.svd(weight / _config(variant).scaling, compute_uv=False)
             tolerances[name] = svd_factor_tolerance(singular, weight.shape, RANK)
@@ -90,7 +98,10 @@ def _assert_same_stats(actual: FactorSet, expected: FactorSet, base: torch.nn.Mo
         factors, tau = expected.factors[name], atol[name]
         weight = base.get_submodule(name).weight.detach().double()
         B, A = scaling * factors.lora_B.double(), factors.lora_A.double()
-        delta = scaling * tau * (A.abs().sum(0).max().item() + B.abs().sum(1).max().item() / scaling) + scaling * RANK * tau**2
+        delta = (
+            scaling * tau * (A.abs().sum(0).max().item() + B.abs().sum(1).max().item() / scaling)
+            + scaling * RANK * tau**2
+        )
         rounding = factor_mse_rounding(weight[None], B[None], A[None]).item()
         mse_tolerance = delta * (2 * math.sqrt(row["mse"]) + delta) + 2 * rounding
         singular = np.linalg.svd(weight.numpy(), compute_uv=False)
@@ -99,7 +110,9 @@ def _assert_same_stats(actual: FactorSet, expected: FactorSet, base: torch.nn.Mo
         optimal_tolerance += 2 * fp32_gamma(1) * row["optimal_mse"]  # each stored as fp32
         ratio_tolerance = row["mse_ratio"] * (mse_tolerance / row["mse"] + optimal_tolerance / row["optimal_mse"])
         assert actual.stats[name]["mse"] == pytest.approx(row["mse"], rel=0, abs=mse_tolerance), name
-        assert actual.stats[name]["optimal_mse"] == pytest.approx(row["optimal_mse"], rel=0, abs=optimal_tolerance), name
+        assert actual.stats[name]["optimal_mse"] == pytest.approx(row["optimal_mse"], rel=0, abs=optimal_tolerance), (
+            name
+        )
         assert actual.stats[name]["mse_ratio"] == pytest.approx(row["mse_ratio"], rel=0, abs=ratio_tolerance), name
 
 
@@ -218,23 +231,27 @@ def test_groups_of_other_settings_or_corrupt_are_recomputed(
     work = tmp_path / "work"
     _count_groups(monkeypatch, interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):  # leaves groups 0 and 1 of seed 0
-        compute_streamed(sharded_base, _config("inilora-alpha"), tmp_path / "a", max_memory=1, device="cpu",
-                         work_dir=work)
+        compute_streamed(
+            sharded_base, _config("inilora-alpha"), tmp_path / "a", max_memory=1, device="cpu", work_dir=work
+        )
     corrupt = next((work / "group-00001").glob("factors*.safetensors"))
     corrupt.write_bytes(corrupt.read_bytes()[:-8])
 
     computed = _count_groups(monkeypatch)  # same settings: group 0 is reused, the truncated group 1 recomputed
-    same = compute_streamed(sharded_base, _config("inilora-alpha"), tmp_path / "a", max_memory=1, device="cpu",
-                            work_dir=work)
+    same = compute_streamed(
+        sharded_base, _config("inilora-alpha"), tmp_path / "a", max_memory=1, device="cpu", work_dir=work
+    )
     assert len(computed) == 3 and same.info["streamed"]["resumed_groups"] == 1
 
     _count_groups(monkeypatch, interrupt_at=1)
     with pytest.raises(KeyboardInterrupt):
-        compute_streamed(sharded_base, _config("inilora-alpha"), tmp_path / "b", max_memory=1, device="cpu",
-                         work_dir=work)
+        compute_streamed(
+            sharded_base, _config("inilora-alpha"), tmp_path / "b", max_memory=1, device="cpu", work_dir=work
+        )
     computed = _count_groups(monkeypatch)  # another seed: nothing of the seed-0 run is reused
-    other = compute_streamed(sharded_base, _config("inilora-alpha", seed=1), tmp_path / "c", max_memory=1,
-                             device="cpu", work_dir=work)
+    other = compute_streamed(
+        sharded_base, _config("inilora-alpha", seed=1), tmp_path / "c", max_memory=1, device="cpu", work_dir=work
+    )
     assert len(computed) == 4 and other.info["streamed"]["resumed_groups"] == 0
     expected = _in_memory(sharded_base, "inilora-alpha", seed=1)
     _assert_same_factors(other, expected)
@@ -324,10 +341,28 @@ def test_cli_compute_streams_with_max_memory(sharded_base: Path, tmp_path: Path,
     real = streaming.compute_streamed
     monkeypatch.setattr(streaming, "compute_streamed", lambda *a, **k: calls.append(k) or real(*a, **k))
     out = tmp_path / "out"
-    argv = ["compute", str(sharded_base), "--variant", "inilora", "--rank", "4", "--targets", "q_proj,v_proj",
-            "--out", str(out), "--max-memory", "1MB", "--device", "cpu", "-o", "steps=200"]
+    argv = [
+        "compute",
+        str(sharded_base),
+        "--variant",
+        "inilora",
+        "--rank",
+        "4",
+        "--targets",
+        "q_proj,v_proj",
+        "--out",
+        str(out),
+        "--max-memory",
+        "1MB",
+        "--device",
+        "cpu",
+        "-o",
+        "steps=200",
+    ]
     assert main(argv) == 0
     assert calls and calls[0]["max_memory"] == "1MB"
     _assert_same_factors(
-        FactorSet.from_pretrained(out), _in_memory(sharded_base, "inilora"), atol=_grouping_tolerance("inilora", tiny_llama(seed=1))
+        FactorSet.from_pretrained(out),
+        _in_memory(sharded_base, "inilora"),
+        atol=_grouping_tolerance("inilora", tiny_llama(seed=1)),
     )

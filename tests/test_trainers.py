@@ -41,8 +41,15 @@ def test_transformers_trainer_with_model_init(tmp_path, tiny_base_dir, token_dat
     init = inilora_init(tiny_base_dir, variant="pissa", rank=4)
     assert number_of_arguments(init) == 1  # Trainer passes the HP-search trial
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model_init=init, args=args, train_dataset=token_dataset)
     result = trainer.train()
@@ -65,9 +72,18 @@ def test_model_init_accepts_a_trial_and_returns_fresh_models(tiny_base_dir) -> N
 
 def sft_args(tmp_path, **overrides) -> SFTConfig:
     return SFTConfig(
-        output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
-        use_cpu=True, disable_tqdm=True, **overrides,
+        output_dir=str(tmp_path / "sft"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        **overrides,
     )
 
 
@@ -89,7 +105,9 @@ def test_sft_trainer_with_model_init_trains_and_reinitialises(tmp_path, demo_bas
         return init(trial)
 
     trainer = SFTTrainer(
-        model_init=counting_init, args=sft_args(tmp_path), train_dataset=demo_dataset(),
+        model_init=counting_init,
+        args=sft_args(tmp_path),
+        train_dataset=demo_dataset(),
         processing_class=AutoTokenizer.from_pretrained(demo_base),
     )
     first = trainer.train()
@@ -105,7 +123,9 @@ def test_trl_sft_trainer_accepts_an_initialised_model(tmp_path, demo_base) -> No
 
     model = inilora_init(demo_base, variant="milora")()
     trainer = trl.SFTTrainer(
-        model=model, args=sft_args(tmp_path), train_dataset=demo_dataset(),
+        model=model,
+        args=sft_args(tmp_path),
+        train_dataset=demo_dataset(),
         processing_class=AutoTokenizer.from_pretrained(demo_base),
     )
     assert trainer.train().global_step == 2
@@ -114,8 +134,10 @@ def test_trl_sft_trainer_accepts_an_initialised_model(tmp_path, demo_base) -> No
 def test_sft_trainer_rejects_model_init_with_peft_config(tmp_path, demo_base) -> None:
     with pytest.raises(ValueError, match="peft_config"):
         SFTTrainer(
-            model_init=inilora_init(demo_base, variant="lora"), args=sft_args(tmp_path),
-            train_dataset=demo_dataset(), processing_class=char_tokenizer(["ab"]),
+            model_init=inilora_init(demo_base, variant="lora"),
+            args=sft_args(tmp_path),
+            train_dataset=demo_dataset(),
+            processing_class=char_tokenizer(["ab"]),
             peft_config=LoraConfig(r=4),
         )
     with pytest.raises(ValueError, match="not both"):

@@ -19,7 +19,9 @@ INPUT_IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_se
 
 
 def run_variant(name: str, weights: dict[str, torch.Tensor], rank: int = 8, **options) -> dict:
-    config = InitConfig(name, rank=rank, target_modules=sorted({n.rsplit(".", 1)[-1] for n in weights}), options=options)
+    config = InitConfig(
+        name, rank=rank, target_modules=sorted({n.rsplit(".", 1)[-1] for n in weights}), options=options
+    )
     return get_variant(name).compute(VariantInputs(weights=weights, config=config))
 
 
@@ -76,7 +78,10 @@ def test_blockwise_residual_and_report_match_a_whole_matrix_computation(
         if not (hasattr(module, "lora_A") and "default" in module.lora_A):
             continue
         w0 = base.get_submodule(name).weight.detach().double().numpy()
-        lora_B, lora_A = (module.lora_B["default"].weight.detach().double().numpy(), module.lora_A["default"].weight.detach().double().numpy())
+        lora_B, lora_A = (
+            module.lora_B["default"].weight.detach().double().numpy(),
+            module.lora_A["default"].weight.detach().double().numpy(),
+        )
         delta = module.scaling["default"] * (lora_B @ lora_A)
         magnitude = np.abs(w0) + module.scaling["default"] * (np.abs(lora_B) @ np.abs(lora_A))
         stored = module.base_layer.weight.detach().double().numpy()
@@ -92,7 +97,9 @@ def test_blockwise_residual_and_report_match_a_whole_matrix_computation(
         fp32_noise = 2.0**-20 * magnitude.max()  # the report adds in fp32; numpy here in float64
         assert report.reconstruction_max_abs == pytest.approx(np.abs(error).max(), rel=1e-4, abs=fp32_noise)
         assert report.reconstruction_rel == pytest.approx(
-            np.linalg.norm(error) / np.linalg.norm(w0), rel=1e-4, abs=fp32_noise * np.sqrt(error.size) / np.linalg.norm(w0)
+            np.linalg.norm(error) / np.linalg.norm(w0),
+            rel=1e-4,
+            abs=fp32_noise * np.sqrt(error.size) / np.linalg.norm(w0),
         )
         if dtype == torch.bfloat16 and model.init_report.residual:
             assert report.reconstruction_max_abs > 100 * fp32_noise, "the bf16 rounding of R is visible in the report"

@@ -53,18 +53,34 @@ def _variant_help(note: str = "") -> str:
 
 
 def _add_init_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", default="inilora",
-                        help=_variant_help("; lora-sb reads calibration data, so it runs through the Python API only"))
+    parser.add_argument(
+        "--variant",
+        default="inilora",
+        help=_variant_help("; lora-sb reads calibration data, so it runs through the Python API only"),
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
-    parser.add_argument("--lora-alpha", type=float, default=None,
-                        help="LoRA alpha (default: the rank, i.e. scaling 1 as in the IniLoRA recipes)")
-    parser.add_argument("--rslora", action="store_true",
-                        help="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
-    parser.add_argument("--targets", default="q_proj,v_proj",
-                        help="comma-separated names of the target modules (default: %(default)s)")
-    parser.add_argument("--option", "-o", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
-                        help="variant option, repeatable, e.g. -o steps=20000 -o seed=0 (default: the variant's own "
-                             "defaults, listed in the README's Variants table)")
+    parser.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha (default: the rank, i.e. scaling 1 as in the IniLoRA recipes)",
+    )
+    parser.add_argument(
+        "--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r"
+    )
+    parser.add_argument(
+        "--targets", default="q_proj,v_proj", help="comma-separated names of the target modules (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="variant option, repeatable, e.g. -o steps=20000 -o seed=0 (default: the variant's own "
+        "defaults, listed in the README's Variants table)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,17 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="compute a factor set, fine-tune with SFTTrainer, write checkpoints")
     demo.add_argument("--output-dir", default="inilora-demo", help="where everything is written (default: %(default)s)")
-    demo.add_argument("--overwrite", action="store_true",
-                      help="replace a non-empty --output-dir once the new run is complete (without it, such a folder "
-                           "is refused before any work)")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output-dir once the new run is complete (without it, such a folder "
+        "is refused before any work)",
+    )
     demo.add_argument("--model", default=None, help="a Hub id or directory (default: a tiny Llama built from a config)")
     demo.add_argument("--variant", default="inilora", help=_variant_help())
     demo.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=None,
-                      help="fit steps of the inilora variant (default: the variant's 20000)")
+    demo.add_argument(
+        "--steps", type=int, default=None, help="fit steps of the inilora variant (default: the variant's 20000)"
+    )
     demo.add_argument("--train-steps", type=int, default=40, help="SFTTrainer steps (default: %(default)s)")
-    demo.add_argument("--cache-dir", default=None,
-                      help="factor-set cache (default: $INILORA_HF_CACHE, else $HF_HOME/inilora)")
+    demo.add_argument(
+        "--cache-dir", default=None, help="factor-set cache (default: $INILORA_HF_CACHE, else $HF_HOME/inilora)"
+    )
     demo.set_defaults(handler="cmd_demo", outputs=("output_dir",))
 
     compute = commands.add_parser(
@@ -103,16 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compute.add_argument("base", help="Hub id or directory of the base model (safetensors)")
     compute.add_argument("--out", required=True, help="output folder of the factor set (required)")
-    compute.add_argument("--overwrite", action="store_true",
-                         help="replace the factor set already in --out (without it, it is refused before any work)")
+    compute.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the factor set already in --out (without it, it is refused before any work)",
+    )
     compute.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available, else cpu)")
-    compute.add_argument("--max-memory", default=None,
-                         help="memory for weights + working set, e.g. 512MB or 2GB (default: no bound, one group "
-                              "per shape)")
+    compute.add_argument(
+        "--max-memory",
+        default=None,
+        help="memory for weights + working set, e.g. 512MB or 2GB (default: no bound, one group per shape)",
+    )
     compute.add_argument("--revision", default=None, help="Hub revision of the base model (default: main)")
-    compute.add_argument("--work-dir", default=None,
-                         help="where finished groups are kept so that an interrupted run resumes (default: a folder "
-                              "in the factor-set cache)")
+    compute.add_argument(
+        "--work-dir",
+        default=None,
+        help="where finished groups are kept so that an interrupted run resumes (default: a folder "
+        "in the factor-set cache)",
+    )
     _add_init_arguments(compute)
     compute.set_defaults(handler="cmd_compute")  # compute_streamed checks --out before any work
 
@@ -134,19 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(handler="cmd_pull")
 
     convert = commands.add_parser(
-        "convert", help="turn a training checkpoint into a merged transformers checkpoint and/or a standard LoRA adapter"
+        "convert",
+        help="turn a training checkpoint into a merged transformers checkpoint and/or a standard LoRA adapter",
     )
     convert.add_argument("checkpoint", help="a checkpoint-N folder or save_model() output of an inilora_hf run")
-    convert.add_argument("--merged", metavar="DIR", default=None,
-                         help="write a merged transformers checkpoint here (default: none; give --merged or --lora)")
-    convert.add_argument("--lora", metavar="DIR", default=None,
-                         help="write a standard PEFT LoRA adapter for the original base here (default: none)")
-    convert.add_argument("--overwrite", action="store_true",
-                         help="replace non-empty --merged / --lora folders (without it, they are refused before any "
-                              "work)")
+    convert.add_argument(
+        "--merged",
+        metavar="DIR",
+        default=None,
+        help="write a merged transformers checkpoint here (default: none; give --merged or --lora)",
+    )
+    convert.add_argument(
+        "--lora",
+        metavar="DIR",
+        default=None,
+        help="write a standard PEFT LoRA adapter for the original base here (default: none)",
+    )
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace non-empty --merged / --lora folders (without it, they are refused before any work)",
+    )
     convert.add_argument("--dtype", default=None, help="dtype of the merged weights (default: the base model's)")
-    convert.add_argument("--base-model", default=None,
-                         help="the original base model (default: the one recorded in the checkpoint)")
+    convert.add_argument(
+        "--base-model", default=None, help="the original base model (default: the one recorded in the checkpoint)"
+    )
     convert.set_defaults(handler="cmd_convert", outputs=("merged", "lora"))
     return parser
 

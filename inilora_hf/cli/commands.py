@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 
+from inilora_hf.convert.export import load_checkpoint, to_lora, to_merged
+
 # `streaming.compute_streamed` is looked up at call time (tests substitute it).
 from inilora_hf.factorsets import streaming
-from inilora_hf.variants.config import InitConfig
-from inilora_hf.convert.export import load_checkpoint, to_lora, to_merged
-from .demo import run_demo
 from inilora_hf.factorsets.factor_set import FactorSet
 from inilora_hf.factorsets.publish import download_factor_set
 from inilora_hf.factorsets.report import NO_STATISTIC, fit_table
+from inilora_hf.variants.config import InitConfig
+
+from .demo import run_demo
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -38,8 +40,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(result.init_report.summary())
     print(f"\nfactor set: {result.factor_source} ({result.seconds['factor set']:.1f} s)")
-    print(f"training: {len(result.losses)} steps in {result.seconds['training']:.1f} s, "
-          f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    print(
+        f"training: {len(result.losses)} steps in {result.seconds['training']:.1f} s, "
+        f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+    )
     print(f"merged checkpoint reproduces the trained model: max |Δlogits| = {result.merged_max_logit_diff:.2e}")
     for name, path in result.paths.items():
         print(f"{name + ':':<28} {path}")
@@ -74,11 +78,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """`inilora-hf inspect`: print a factor set's config, provenance and per-module fit table."""
     factor_set = FactorSet.from_pretrained(args.path)
     config = factor_set.config
-    print(f"variant: {config.variant}   rank: {config.rank}   lora_alpha: {config.lora_alpha:g}   "
-          f"rslora: {config.use_rslora}   scaling: {config.scaling:g}")
+    print(
+        f"variant: {config.variant}   rank: {config.rank}   lora_alpha: {config.lora_alpha:g}   "
+        f"rslora: {config.use_rslora}   scaling: {config.scaling:g}"
+    )
     print(f"targets: {config.target_modules}   options: {config.options}")
-    print(f"base model: {factor_set.base_model} (revision {factor_set.base_revision})   "
-          f"residual stored: {factor_set.has_residual}")
+    print(
+        f"base model: {factor_set.base_model} (revision {factor_set.base_revision})   "
+        f"residual stored: {factor_set.has_residual}"
+    )
     for key, value in sorted(factor_set.info.items()):
         if key != "versions":
             print(f"{key}: {value}")

@@ -22,9 +22,9 @@ from transformers import (
 from trl import SFTConfig
 
 from inilora_hf.convert.export import to_lora, to_merged
-from inilora_hf.training.model_init import inilora_init
-from inilora_hf.output_dirs import replacing_output_dir
 from inilora_hf.factorsets.report import InitReport
+from inilora_hf.output_dirs import replacing_output_dir
+from inilora_hf.training.model_init import inilora_init
 from inilora_hf.training.sft import SFTTrainer
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]

@@ -41,16 +41,16 @@ def export_card(model: PeftModel, *, kind: str, adapter_name: str | None = None)
     if kind == "merged":
         how = (
             "The LoRA update is merged into the weights: `"
-            f"{classes.auto_model}.from_pretrained(\"<this folder or repo>\")` loads it, no base model needed."
+            f'{classes.auto_model}.from_pretrained("<this folder or repo>")` loads it, no base model needed.'
         )
         residual = " The merged weights are `R + s·B·A = W0 + s·(B·A − B0·A0)`." if spec.residual else ""
     else:
         base_load = f'{classes.auto_model}.from_pretrained("{base or "<base model>"}")'
         how = (
             "A standard PEFT LoRA adapter for the unmodified base model: `"
-            f"{classes.auto_peft_model}.from_pretrained(\"<this folder or repo>\")` loads the base recorded in "
-            f"`adapter_config.json` and the adapter; `PeftModel.from_pretrained({base_load}, \"<this folder or "
-            "repo>\")` does the same with a base you load yourself."
+            f'{classes.auto_peft_model}.from_pretrained("<this folder or repo>")` loads the base recorded in '
+            f'`adapter_config.json` and the adapter; `PeftModel.from_pretrained({base_load}, "<this folder or '
+            'repo>")` does the same with a base you load yourself.'
         )
         residual = (
             " The variant trains on a residual base `R = W0 − s·B0·A0`; this adapter has rank 2r "

@@ -144,8 +144,9 @@ def to_lora(
     state, config = standard_lora(peft_model, adapter_name=adapter_name)
     base = peft_model.get_base_model()
     # Like PEFT's own save: without a task type, `auto_mapping` names the class for `AutoPeftModel`.
-    auto_mapping = None if config.task_type else {"base_model_class": type(base).__name__,
-                                                  "parent_library": type(base).__module__}
+    auto_mapping = (
+        None if config.task_type else {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+    )
     with staged_output_dir(output_dir, overwrite=overwrite) as tmp:
         save_torch_state_dict(
             state,

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from inilora_hf.variants.config import InitConfig
 from inilora_hf.linalg.fit import factor_mse, optimal_mse
 from inilora_hf.linalg.grouping import shape_groups, stack
 from inilora_hf.variants import ModuleFactors, get_variant
+from inilora_hf.variants.config import InitConfig
 
 NO_STATISTIC = "—"
 

@@ -113,7 +113,7 @@ def locate_targets(
     for name in shapes:
         candidates = [f"{name}.weight"]
         if prefix and name.startswith(f"{prefix}."):
-            candidates.append(f"{name[len(prefix) + 1:]}.weight")
+            candidates.append(f"{name[len(prefix) + 1 :]}.weight")
         elif prefix:
             candidates.append(f"{prefix}.{name}.weight")
         key = next((key for key in candidates if key in files), None)
@@ -221,7 +221,10 @@ def _plan(shapes: Mapping[str, tuple[int, int]], budget: int | None) -> list[lis
             "The largest target matrix takes %.3g MB in fp32, more than the per-group budget of %.3g MB "
             "(max_memory / %d); such matrices are processed one at a time and peak memory exceeds max_memory. "
             "Raise max_memory to at least %.3g MB to stay within it.",
-            largest / 1e6, budget / 1e6, WORKING_SET_FACTOR, largest * WORKING_SET_FACTOR / 1e6,
+            largest / 1e6,
+            budget / 1e6,
+            WORKING_SET_FACTOR,
+            largest * WORKING_SET_FACTOR / 1e6,
         )
     return groups
 
@@ -320,7 +323,13 @@ def compute_streamed(
     groups = _plan(shapes, stack_budget)
     logger.info(
         "Streaming %s for %d modules of %s in %d groups (max_memory=%s) on %s; work dir %s.",
-        spec.name, len(shapes), base, len(groups), max_memory, device, work,
+        spec.name,
+        len(shapes),
+        base,
+        len(groups),
+        max_memory,
+        device,
+        work,
     )
 
     factors: dict[str, ModuleFactors] = {}
@@ -328,9 +337,10 @@ def compute_streamed(
     compute_seconds = 0.0
     resumed = 0
     # One process per work dir: a concurrent run of the same call waits instead of computing the same groups.
-    with exclusive_lock(work.with_name(f"{work.name}.lock")), tqdm(
-        total=len(groups), desc="Factor groups", unit="group"
-    ) as bar:
+    with (
+        exclusive_lock(work.with_name(f"{work.name}.lock")),
+        tqdm(total=len(groups), desc="Factor groups", unit="group") as bar,
+    ):
         created = not work.exists()
         work.mkdir(parents=True, exist_ok=True)
         try:

@@ -122,7 +122,10 @@ class InitFunction:
 
     @property
     def revision(self) -> str | None:
-        """The revision `load_base_model` loads the base at (`model_kwargs["revision"]` wins, as in `from_pretrained`)."""
+        """The revision `load_base_model` loads the base at.
+
+        `model_kwargs["revision"]` wins, as in `from_pretrained`.
+        """
         return self._loading.resolved_revision
 
     @property
@@ -150,10 +153,13 @@ class InitFunction:
         data too. Called by `inilora_hf.SFTTrainer` before it calls `model_init`.
 
         Example:
-            >>> init.set_default_calibration(tokenized_train, batch_size=8, collate_fn=collator, eta=1e-5)   # doctest: +SKIP
+            >>> init.set_default_calibration(tokenized_train, batch_size=8,          # doctest: +SKIP
+            ...                              collate_fn=collator, eta=1e-5)
         """
         self._default_calibration = CalibrationSource(
-            data, samples=self._calibration.samples, batch_size=self._calibration.batch_size or batch_size,
+            data,
+            samples=self._calibration.samples,
+            batch_size=self._calibration.batch_size or batch_size,
             collate_fn=collate_fn,
         )
         self._default_eta = eta
@@ -225,7 +231,9 @@ class InitFunction:
             weights = {n: read_weight(m) for n, m in modules.items()}
         else:
             full = self._loading.load_full_precision(self._model)
-            weights = {n: read_weight(m).clone() for n, m in find_target_linears(full, self.config.target_modules).items()}
+            weights = {
+                n: read_weight(m).clone() for n, m in find_target_linears(full, self.config.target_modules).items()
+            }
             del full
         return weights, {n: weight_fingerprint(w) for n, w in weights.items()}
 
@@ -249,7 +257,9 @@ class InitFunction:
                 base_model=self.base_model_name,
                 base_revision=self.revision,
                 device=self._options.device if self._options.device is not None else default_device(),
-                gradients=None if calibration is None else estimate_gradients(
+                gradients=None
+                if calibration is None
+                else estimate_gradients(
                     base, calibration.batches, list(weights), sample_counts=calibration.sample_counts
                 ),
                 max_group_bytes=self._options.max_group_bytes,
@@ -271,7 +281,9 @@ class InitFunction:
         if computed:
             logger.info("Computed factor set and stored it in the cache: %s", lookup.path)
             return computed[0], "computed"
-        logger.info("Cache hit for %s (%s): loaded %s, no fitting.", self.base_model_name, self.config.variant, lookup.path)
+        logger.info(
+            "Cache hit for %s (%s): loaded %s, no fitting.", self.base_model_name, self.config.variant, lookup.path
+        )
         # get_or_build has just checked every file of the entry against its sha256 manifest.
         return FactorSet.from_pretrained(lookup.path, verify_checksums=False), f"cache:{key}"
 

@@ -149,7 +149,9 @@ def read_init_metadata(directory: str | os.PathLike) -> dict[str, Any] | None:
     try:
         document = json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise FactorSetFormatError(f"{file} is not valid JSON ({error}); the checkpoint metadata is corrupted.") from error
+        raise FactorSetFormatError(
+            f"{file} is not valid JSON ({error}); the checkpoint metadata is corrupted."
+        ) from error
     version = document.get("format_version")
     if not isinstance(version, int) or version > INIT_FORMAT_VERSION:
         raise FactorSetFormatError(
@@ -170,7 +172,7 @@ def attach_init_metadata(peft_model: PeftModel) -> PeftModel:
 
     Example:
         >>> model = attach_init_metadata(wrap_with_factors(base, factor_set))   # doctest: +SKIP
-        >>> model.save_pretrained("out")    # writes adapter files + inilora_init.json + inilora_init/   # doctest: +SKIP
+        >>> model.save_pretrained("out")    # adapter files + inilora_init.json + inilora_init/   # doctest: +SKIP
     """
     _factor_set_of(peft_model)
     current = peft_model.__dict__.get("save_pretrained")
@@ -179,7 +181,9 @@ def attach_init_metadata(peft_model: PeftModel) -> PeftModel:
     return peft_model
 
 
-def _save_pretrained_with_init_metadata(model: PeftModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+def _save_pretrained_with_init_metadata(
+    model: PeftModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any
+) -> Any:
     method = type(model).save_pretrained
     result = method(model, save_directory, *args, **kwargs)
     bound = inspect.signature(method).bind(model, save_directory, *args, **kwargs)
@@ -228,7 +232,8 @@ def training_adapter_card(model: PeftModel) -> ModelCard:
     classes = task_classes(model.get_base_model(), model.peft_config[model.active_adapter].task_type)
     base_text = (f"`{base}`" + (f" (revision `{revision}`)" if revision else "")) if base else "an unnamed base model"
     local = (
-        f"\n\n   The base `{base}` is a local directory, recorded as an absolute path; elsewhere, pass your copy of it: "
+        f"\n\n   The base `{base}` is a local directory, recorded as an absolute path; elsewhere, pass your copy "
+        "of it: "
         "`load_trained(dir, base_model=...)`."
         if base and not is_hub_id(base)
         else ""

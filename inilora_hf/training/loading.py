@@ -140,7 +140,8 @@ class ModelLoading:
         full-precision weights of a base that trains in 4 bit.
 
         Example:
-            >>> full = ModelLoading.from_arguments(quantization_config=bnb).load_full_precision("./base")   # doctest: +SKIP
+            >>> loading = ModelLoading.from_arguments(quantization_config=bnb)   # doctest: +SKIP
+            >>> full = loading.load_full_precision("./base")                   # doctest: +SKIP
         """
         kwargs = {k: v for k, v in self.model_kwargs.items() if k not in ("quantization_config", "device_map")}
         kwargs.update(dtype=torch.float32, revision=self.resolved_revision)

@@ -105,13 +105,20 @@ def inilora_init(
         >>> trainer = SFTTrainer(model_init=init, args=SFTConfig("out"), train_dataset=ds)  # doctest: +SKIP
     """
     loading = ModelLoading.from_arguments(
-        model_class=model_class, dtype=dtype, torch_dtype=torch_dtype, revision=revision, model_kwargs=model_kwargs,
+        model_class=model_class,
+        dtype=dtype,
+        torch_dtype=torch_dtype,
+        revision=revision,
+        model_kwargs=model_kwargs,
         quantization_config=quantization_config,
     )
     requested = {
         field: value
         for field, value in {
-            "variant": variant, "rank": rank, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
+            "variant": variant,
+            "rank": rank,
+            "lora_alpha": lora_alpha,
+            "use_rslora": use_rslora,
             "target_modules": None if target_modules is None else normalize_targets(target_modules),
         }.items()
         if value is not None
@@ -133,8 +140,13 @@ def inilora_init(
         factors=factors,
         loading=loading,
         options=FactorOptions(
-            strict=strict, requested=requested if factors is not None else {}, device=device,
-            max_group_bytes=max_group_bytes, use_cache=use_cache, cache_dir=cache_dir, refine_steps=refine_steps,
+            strict=strict,
+            requested=requested if factors is not None else {},
+            device=device,
+            max_group_bytes=max_group_bytes,
+            use_cache=use_cache,
+            cache_dir=cache_dir,
+            refine_steps=refine_steps,
             adapter_dtype=adapter_dtype,
         ),
         calibration=CalibrationSource(calibration_data, calibration_samples, calibration_batch_size),
@@ -142,7 +154,8 @@ def inilora_init(
     )
     if calibration_data is not None and (factors is not None or not get_variant(config.variant).needs_gradients):
         raise ValueError(
-            f"`calibration_data` has no effect with {'`factors=`' if factors is not None else f'variant {config.variant!r}'}: "
+            "`calibration_data` has no effect with "
+            f"{'`factors=`' if factors is not None else f'variant {config.variant!r}'}: "
             "only data-driven variants (e.g. 'lora-sb') computed here use it. Drop it."
         )
     if factors is not None and options:

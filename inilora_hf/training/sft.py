@@ -37,8 +37,14 @@ class SFTTrainer(trl.SFTTrainer):
         >>> trainer.train()                                                                  # doctest: +SKIP
     """
 
-    def __init__(self, model: Any = None, args: trl.SFTConfig | None = None, *pos: Any,
-                 model_init: Callable[..., nn.Module] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any = None,
+        args: trl.SFTConfig | None = None,
+        *pos: Any,
+        model_init: Callable[..., nn.Module] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._initial_model = None
         if model_init is not None:
             if model is not None:

@@ -37,8 +37,20 @@ logger = get_logger(__name__)
 
 # LoraConfig fields that `lora_config_for` derives from the factor set, or that describe the saved file only.
 _DERIVED_LORA_FIELDS = frozenset(
-    {"r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights", "peft_type", "auto_mapping",
-     "peft_version", "base_model_name_or_path", "revision", "inference_mode", "runtime_config"}
+    {
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "target_modules",
+        "init_lora_weights",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "runtime_config",
+    }
 )
 
 
@@ -101,8 +113,15 @@ def load_trained(
     adapter = metadata.get("adapter_name", "default")
     saved = _saved_lora_config(directory)
     lora_kwargs = _lora_kwargs(saved, factor_set, directory)
-    base, base_revision = _load_base(base_model, metadata, factor_set, dtype=dtype, model_class=model_class,
-                                     revision=revision, model_kwargs=model_kwargs)
+    base, base_revision = _load_base(
+        base_model,
+        metadata,
+        factor_set,
+        dtype=dtype,
+        model_class=model_class,
+        revision=revision,
+        model_kwargs=model_kwargs,
+    )
     if strict and (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
         # Quantized weights cannot match the full-precision fingerprints; the stored residual fixes R instead.
         logger.info("Base model is quantized: fingerprint check skipped; the factor set's stored residual is used.")
@@ -114,7 +133,9 @@ def load_trained(
     )
     result = peft_model.load_adapter(directory, adapter, is_trainable=is_trainable)
     if result.missing_keys:
-        raise ValueError(f"{directory} lacks LoRA weights for {sorted(result.missing_keys)[:3]}; the adapter is incomplete.")
+        raise ValueError(
+            f"{directory} lacks LoRA weights for {sorted(result.missing_keys)[:3]}; the adapter is incomplete."
+        )
     if not is_trainable:
         peft_model.eval()
         for parameter in peft_model.parameters():
@@ -180,9 +201,14 @@ def _factor_set_with_residual(directory: Path, metadata: dict[str, Any]) -> Fact
 def _lora_kwargs(saved: LoraConfig, factor_set: FactorSet, directory: Path) -> dict[str, Any]:
     """The saved adapter's LoRA options that differ from defaults, after checking it fits the factor set."""
     config = factor_set.config
-    if (saved.r, float(saved.lora_alpha), bool(saved.use_rslora)) != (config.rank, float(config.lora_alpha), config.use_rslora):
+    if (saved.r, float(saved.lora_alpha), bool(saved.use_rslora)) != (
+        config.rank,
+        float(config.lora_alpha),
+        config.use_rslora,
+    ):
         raise ValueError(
-            f"The adapter in {directory} has r={saved.r}, lora_alpha={saved.lora_alpha}, use_rslora={saved.use_rslora}, "
+            f"The adapter in {directory} has r={saved.r}, lora_alpha={saved.lora_alpha}, "
+            f"use_rslora={saved.use_rslora}, "
             f"but the factor set has r={config.rank}, lora_alpha={config.lora_alpha}, use_rslora={config.use_rslora}. "
             "It was not trained from this factor set (a standard adapter from `to_lora` loads with plain "
             "`PeftModel.from_pretrained` on the original base instead)."
@@ -224,7 +250,9 @@ def _load_base(
     if dtype is not None:
         kwargs.setdefault("dtype", dtype)
     if model_class is None:
-        model_class = getattr(transformers, str(metadata.get("base_model_class")), None) or transformers.AutoModelForCausalLM
+        model_class = (
+            getattr(transformers, str(metadata.get("base_model_class")), None) or transformers.AutoModelForCausalLM
+        )
     try:
         return load_pretrained(model_class, str(name), **kwargs), kwargs.get("revision")
     except BaseModelNotFoundError as error:

@@ -58,9 +58,9 @@ from .manifest import (
 from .partial import resumable_dir
 
 __all__ = [
-    "MANIFEST_NAME",
-    "MANIFEST_FORMAT",
     "CACHE_ENV_VAR",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
     "CacheEntryCorruptError",
     "CacheLookup",
     "default_cache_dir",

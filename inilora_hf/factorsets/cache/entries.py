@@ -56,7 +56,7 @@ def _check_entry(path: Path, validate: Callable[[Path], None] | None, check_hash
         verify_manifest(path, check_hashes=check_hashes)
         if validate is not None:
             validate(path)
-    except Exception as err:  # noqa: BLE001 - any validation failure means "do not use"
+    except Exception as err:
         return err
     return None
 

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -38,10 +39,8 @@ def fsync_fd(fd: int) -> None:
         >>> with tempfile.TemporaryFile() as fh:
         ...     fsync_fd(fh.fileno())
     """
-    try:
+    with contextlib.suppress(OSError):  # e.g. read-only handles on Windows; best effort
         os.fsync(fd)
-    except OSError:  # e.g. read-only handles on Windows; best effort
-        pass
 
 
 def fsync_dir(path: Path) -> None:

@@ -68,9 +68,7 @@ def default_cache_dir() -> Path:
         return Path(os.path.expandvars(os.path.expanduser(override)))
     default_home = os.path.join(os.path.expanduser("~"), ".cache")
     hf_home = os.path.expandvars(
-        os.path.expanduser(
-            os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", default_home), "huggingface"))
-        )
+        os.path.expanduser(os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", default_home), "huggingface")))
     )
     return Path(hf_home) / "inilora"
 

@@ -182,7 +182,11 @@ def verify_manifest(directory: str | Path, *, check_hashes: bool = True) -> None
         raise CacheEntryCorruptError(f"Manifest {manifest_path} has no 'files' mapping.")
     for rel, info in sorted(files.items()):
         path = _safe_rel(rel, directory)
-        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("size"), int)
+            or not isinstance(info.get("sha256"), str)
+        ):
             raise CacheEntryCorruptError(f"Manifest {manifest_path} has a malformed record for {rel!r}: {info!r}")
         try:
             st = os.stat(path)
