@@ -23,11 +23,12 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
 
+Key = TypeVar("Key", bound=Hashable)
 Result = TypeVar("Result")
 
 DEFAULT_THREADS = 1
@@ -91,7 +92,7 @@ def run_header(repeats: int | None) -> str:
     )
 
 
-def interleaved(methods: Mapping[str, Callable[[], Result]], repeats: int) -> dict[str, list[Result]]:
+def interleaved(methods: Mapping[Key, Callable[[], Result]], repeats: int) -> dict[Key, list[Result]]:
     """Call every method once per repeat, each repeat starting one method further along; collect the results.
 
     Example:
@@ -101,7 +102,7 @@ def interleaved(methods: Mapping[str, Callable[[], Result]], repeats: int) -> di
         ['a', 'b', 'b', 'a']
     """
     names = list(methods)
-    results: dict[str, list[Result]] = {name: [] for name in names}
+    results: dict[Key, list[Result]] = {name: [] for name in names}
     for repeat in range(repeats):
         start = repeat % len(names)
         for name in names[start:] + names[:start]:

@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 from transformers import BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
 
 from benchmarks.harness import add_run_arguments, markdown_table, pin_threads, run_header
 from inilora_hf import inilora_init
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     add_run_arguments(parser, repeats=None)
     args = parser.parse_args(argv)
     pin_threads(args.threads)
+    hf_logging.disable_progress_bar()  # also silences inilora_hf's bars (see inilora_hf.log)
     print(f"{args.bits}-bit; {run_header(None)}\n")
     with tempfile.TemporaryDirectory(prefix="quantized-fidelity-") as tmp:
         rows = _rows(args.model or str(build_demo_base(tmp)), args.bits)

@@ -17,7 +17,8 @@ size (``VmHWM``):
 The runs are interleaved, ``--repeats`` times each, with threads pinned in every subprocess (``--threads``,
 default 1, see :mod:`benchmarks.harness`); the table gives min and median of the peak RSS and of the
 subprocess's wall time (interpreter start and imports included). Each subprocess spends several CPU-seconds
-importing torch, transformers and peft, so the default is 2 repeats (the peak RSS repeats to the MB). The factors of every run are compared with
+importing torch, transformers and peft, so the default is 2 repeats (they mainly serve the wall-time column;
+the peak RSS moves little between them). The factors of every run are compared with
 the fp32 in-memory run (max |Δ|), and a markdown table is printed.
 """
 
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 from benchmarks.harness import (
     add_run_arguments,
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         child(args.child, args.checkpoint, args.out, args.variant, args.rank, options, bound)
         return
 
+    hf_logging.disable_progress_bar()
     command = "python -m benchmarks.streaming " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"`{command.strip()}`\n")
     print(run_header(args.repeats), "\n")

@@ -49,7 +49,6 @@ from benchmarks.harness import (
 from inilora_hf import inilora_init
 from inilora_hf.fingerprint_memo import MEMO_DIR
 
-LORA = {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 # The solver only decides how the factor set is computed once; a cache hit and a training step do not depend
 # on it, and the randomized SVD shortens the set-up of the larger model.
 SOLVER = "rsvd"
@@ -57,6 +56,11 @@ WARMUP_STEPS = 2
 BUILDERS = ("load", "peft", "remembered", "hashed")
 # (dtype saved, dtype loaded): own dtype (memory-mapped load) and bf16 → fp32 (copying load).
 LOAD_PATHS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32))
+
+
+def lora_config() -> LoraConfig:
+    """Plain PEFT LoRA with the rank and targets of the inilora models."""
+    return LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
 
 def llama_config(hidden: int, layers: int, vocab_size: int) -> LlamaConfig:
@@ -71,8 +75,8 @@ def millions_of_parameters(config: LlamaConfig) -> float:
         return sum(p.numel() for p in LlamaForCausalLM(config).parameters()) / 1e6
 
 
-def training_step(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], None]:
-    """One forward+backward+AdamW step on `model`'s trainable parameters, as a callable."""
+def training_step(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], float]:
+    """One forward+backward+AdamW step on `model`'s trainable parameters, as a callable returning its ms."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
@@ -81,18 +85,18 @@ def training_step(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], N
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return lambda: 1000 * timed(step)[0]
 
 
 def training_step_ms(base_dir: str, cache_dir: str, batch: torch.Tensor, steps: int) -> dict[str, list[float]]:
     """ms of each timed training step of the inilora and the plain PEFT model, the two interleaved step by step."""
     init = inilora_init(base_dir, variant="inilora", cache_dir=cache_dir, solver=SOLVER)
-    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**LORA))
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora_config())
     step = {"inilora": training_step(init(), batch), "plain": training_step(plain, batch)}
     for _ in range(WARMUP_STEPS):
         for warm_up in step.values():
             warm_up()
-    return interleaved({name: (lambda s=s: 1000 * timed(s)[0]) for name, s in step.items()}, steps)
+    return interleaved(step, steps)
 
 
 def init_costs(base_dir: Path, load_dtype: torch.dtype, repeats: int) -> dict[tuple[str, bool], list[float]]:
@@ -110,7 +114,7 @@ def init_costs(base_dir: Path, load_dtype: torch.dtype, repeats: int) -> dict[tu
     builders: dict[str, Callable[[], torch.nn.Module]] = {
         "load": lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=load_dtype),
         "peft": lambda: get_peft_model(
-            AutoModelForCausalLM.from_pretrained(base_dir, dtype=load_dtype), LoraConfig(**LORA)
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=load_dtype), lora_config()
         ),
         "remembered": inilora,
         "hashed": hashed,
