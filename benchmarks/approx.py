@@ -2,7 +2,7 @@
 
 Run ``python -m benchmarks.approx [--threads 1] [--repeats 5] [--device cpu|cuda] [--steps N]
 [--shapes tiny,minilm]``; ``--shapes tiny,minilm,llama7b`` adds two Llama-2-7B-shaped 4096×4096 matrices
-(opt-in: several minutes on a 2-core CPU, mostly the two full SVDs).
+(opt-in: about 80 CPU-seconds per repeat with one thread, most of it the two full SVDs).
 
 For each shape set, in one process and from the same initial factors, it times:
 

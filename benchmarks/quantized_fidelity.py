@@ -3,8 +3,8 @@
     python -m benchmarks.quantized_fidelity [--threads 1] [--model DIR] [--bits 4|8]
 
 Prints a markdown table; the model defaults to the demo's tiny Llama built from a config. It measures errors,
-not time, so nothing is repeated; the thread count is still pinned (``--threads``, default 1) and printed, as
-the order of the floating-point sums, and with it the last digits, may depend on it.
+not time, so nothing is repeated; the thread count is still pinned (``--threads``, default 1) and printed: the
+order of floating-point sums, and with it the last digits of a result, can depend on it.
 """
 
 from __future__ import annotations

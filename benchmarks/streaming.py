@@ -1,7 +1,7 @@
 """Peak memory of the streamed `compute` versus loading the whole model.
 
 Run ``python -m benchmarks.streaming [--threads 1] [--repeats 2] [--variant pissa] [--max-memory 32MB,256MB]
-[--layers 4] [--hidden 1024]``; ``--layers 8`` (a 277 MB checkpoint) is opt-in and takes about twice as long.
+[--layers 4] [--hidden 1024]``; ``--layers 8`` (a 277 MB checkpoint) is opt-in and takes about 1.5× the CPU time.
 
 It writes a synthetic sharded bf16 checkpoint of a Llama-like model (by default 4 layers, hidden 1024, q/k/v/o
 all 1024×1024, MLP 4096: ~150 MB), then runs each of these in a fresh subprocess and reads its peak resident set

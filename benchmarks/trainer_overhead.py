@@ -3,9 +3,8 @@
     python -m benchmarks.trainer_overhead [--threads 1] [--repeats 5] [--steps 20] [--hidden 512] [--layers 4]
                                           [--init-hidden 1024] [--init-layers 4]
 
-The default run takes about 2 minutes on 2 idle cores. ``--init-hidden 2048`` (a 299 M-parameter model) is
-opt-in: it adds about 3 minutes, most of it computing the three factor sets the cache hits then load (the
-factor statistics need every target matrix's singular values).
+The default run takes about 2 CPU-minutes (one thread); ``--init-hidden 2048`` (a 299 M-parameter larger model
+instead of 107 M) is opt-in and takes about 3.
 
 1. Training step: an `inilora` model vs a plain PEFT LoRA model of the same rank and targets (same shapes,
    same batch, AdamW on the LoRA parameters); after two warm-up steps each, the two models' steps alternate one
