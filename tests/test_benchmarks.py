@@ -4,6 +4,7 @@ methods interleaved, min and median reported, the thread count stated. No timing
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -19,13 +20,18 @@ BENCHMARKS = ("approx", "trainer_overhead", "streaming", "quantized_fidelity")
 
 
 @pytest.fixture
-def restore_threads(monkeypatch):
-    """Undo `pin_threads`: the environment through monkeypatch, torch's intra-op count by hand."""
-    for variable in THREAD_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
+def restore_threads():
+    """Start without the thread variables; afterwards restore them and torch's intra-op count (`pin_threads`
+    writes `os.environ` directly, which monkeypatch would not undo for a variable that was absent)."""
+    saved = {variable: os.environ.pop(variable, None) for variable in THREAD_VARIABLES}
     previous = torch.get_num_threads()
     yield
     torch.set_num_threads(previous)
+    for variable, value in saved.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
 
 
 def test_interleaved_runs_every_method_once_per_repeat_starting_one_further_each_time():
