@@ -1,6 +1,8 @@
 """Benchmark of the ways to get rank-r factors B·A ≈ W0 for IniLoRA / PiSSA.
 
-Run ``python -m benchmarks.approx [--device cpu|cuda] [--steps N] [--shapes tiny,minilm,llama7b]``.
+Run ``python -m benchmarks.approx [--threads 1] [--repeats 5] [--device cpu|cuda] [--steps N]
+[--shapes tiny,minilm]``; ``--shapes tiny,minilm,llama7b`` adds two Llama-2-7B-shaped 4096×4096 matrices
+(opt-in: about 80 CPU-seconds per repeat with one thread, most of it the two full SVDs).
 
 For each shape set, in one process and from the same initial factors, it times:
 
@@ -11,33 +13,53 @@ For each shape set, in one process and from the same initial factors, it times:
 * PEFT's ``init_lora_weights="pissa"`` / ``"pissa_niter_4"``: the ``get_peft_model`` call on a
   module holding the same Linear layers.
 
-Adam methods run fewer than 20 000 steps where asked to (``--steps`` or the shape's default); their
-20 000-step time is then extrapolated from the measured per-step cost and marked with "≈".
+The methods run interleaved, ``--repeats`` times each, with pinned threads (:mod:`benchmarks.harness`); the
+table gives the min and median wall time, and the ratios of the minima. Adam methods run fewer than 20 000
+steps where asked to (``--steps`` or the shape's default); their 20 000-step time is then extrapolated from
+the measured per-step cost (constant over the steps) and marked with "≈".
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import psutil
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 
+from benchmarks.harness import (
+    add_run_arguments,
+    interleaved,
+    loadavg_line,
+    markdown_table,
+    min_median,
+    pin_threads,
+    run_header,
+)
 from benchmarks.reference import reference_fit
 from inilora_hf.linalg.fit import adam_fit, optimal_mse, randomized_svd_factors, svd_factors
 
 RANK = 8
 FULL_STEPS = 20000
 # Default Adam steps per shape set on CPU: the per-step cost is constant, so fewer steps plus
-# extrapolation keep a default CPU run within a few minutes.
-CPU_STEPS = {"tiny": 20000, "minilm": 2000, "llama7b": 20}
+# extrapolation keep a default CPU run (tiny + minilm, 5 repeats) to about a minute on 2 cores.
+CPU_STEPS = {"tiny": 2000, "minilm": 500, "llama7b": 20}
 CUDA_STEPS = {"tiny": 20000, "minilm": 20000, "llama7b": 200}
+SHAPES = ("tiny", "minilm", "llama7b")
+DEFAULT_SHAPES = "tiny,minilm"
+DEFAULT_REPEATS = 5
+REFERENCE = "reference (per matrix, autograd+Adam+StepLR)"
+ADAM_FIT = "adam_fit (batched, same updates)"
+SVD = "svd_factors (full SVD)"
+RSVD = "randomized_svd_factors (niter=8, oversample=8)"
+PEFT_INITS = ("pissa", "pissa_niter_4")
 LLAMA7B_MATRICES = {"cpu": 2, "cuda": 64}
 
 
@@ -61,16 +83,22 @@ class Problem:
 
 @dataclass
 class Row:
+    """One method's repeats on one shape set, and the quality of its factors."""
+
     method: str
-    seconds: float
+    seconds: list[float]
+    peak_mib: list[float]
     steps: int | None
     mse: Tensor
     delta: str
-    peak_mib: float
+
+    def fastest(self) -> float:
+        """Minimum wall time over the repeats."""
+        return min(self.seconds)
 
     def full_seconds(self) -> float:
-        """Time for the full 20 000 steps (extrapolated when fewer ran); plain time otherwise."""
-        return self.seconds if self.steps is None else self.seconds / self.steps * FULL_STEPS
+        """Fastest time for the full 20 000 steps (extrapolated when fewer ran); plain time otherwise."""
+        return self.fastest() if self.steps is None else self.fastest() / self.steps * FULL_STEPS
 
 
 def _random_weights(shapes: list[tuple[str, int, int]], seed: int) -> tuple[list[str], list[Tensor]]:
@@ -104,10 +132,12 @@ def _llama7b(count: int) -> tuple[str, list[str], list[Tensor]]:
 def _init_factors(problem: Problem, seed: int) -> None:
     """IniLoRA init: σ̄ per module type = mean over layers of std(W), rounded to 3 decimals."""
     kinds = [name.rsplit(".", 1)[-1] for name in problem.names]
-    stds_by_kind: dict[str, list[float]] = {}
-    for kind, W in zip(kinds, problem.weights, strict=True):
-        stds_by_kind.setdefault(kind, []).append(W.std().item())
-    sigma = {kind: round(sum(stds) / len(stds), 3) for kind, stds in stds_by_kind.items()}
+    sigma = {
+        kind: round(
+            sum(W.std().item() for k, W in zip(kinds, problem.weights, strict=True) if k == kind) / kinds.count(kind), 3
+        )
+        for kind in set(kinds)
+    }
     generator = torch.Generator().manual_seed(seed)
     for kind, W in zip(kinds, problem.weights, strict=True):
         problem.B0.append(sigma[kind] * torch.randn(W.shape[0], RANK, generator=generator))
@@ -194,11 +224,11 @@ def _peft_module(problem: Problem) -> nn.Module:
     return root
 
 
-def _run_peft(problem: Problem, device: torch.device, init: str) -> tuple[list[Tensor], dict[str, float]]:
-    from peft import LoraConfig, get_peft_model
-
+def _run_peft(problem: Problem, device: torch.device, init: str) -> tuple[dict[str, float], list[Tensor]]:
+    """Time ``get_peft_model`` alone on a fresh module holding the problem's Linear layers."""
     module = _peft_module(problem).to(device)
     config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    torch.manual_seed(0)  # PEFT's pissa_niter_* sketch draws from the global generator: same sketch every repeat
     with _measure(device) as measured:
         model = get_peft_model(module, config)
     layers = dict(model.named_modules())
@@ -206,7 +236,7 @@ def _run_peft(problem: Problem, device: torch.device, init: str) -> tuple[list[T
     for name in problem.names:
         layer = layers[f"base_model.model.{name}"]
         products.append(layer.lora_B["default"].weight.detach() @ layer.lora_A["default"].weight.detach())
-    return products, measured
+    return measured, products
 
 
 def _mse(problem: Problem, products: list[Tensor]) -> Tensor:
@@ -218,77 +248,116 @@ def _max_delta(products: list[Tensor], baseline: list[Tensor], label: str) -> st
     return f"{delta:.1e} (vs {label})"
 
 
-def benchmark(problem: Problem, device: torch.device, steps: int) -> list[Row]:
-    """Time every method on one shape set; returns one row per method."""
-    rows = []
+def benchmark(problem: Problem, device: torch.device, steps: int, repeats: int) -> list[Row]:
+    """Time every method on one shape set, interleaved, ``repeats`` times each; one row per method."""
 
-    def record(
-        method: str, measured: dict[str, float], n_steps: int | None, products: list[Tensor], delta: str
-    ) -> None:
-        rows.append(Row(method, measured["seconds"], n_steps, _mse(problem, products), delta, measured["peak_mib"]))
-
-    with _measure(device) as measured:
-        factors = _run_reference(problem, device, steps)
-    reference = _products(factors)
-    record("reference (per matrix, autograd+Adam+StepLR)", measured, steps, reference, "—")
+    def reference() -> Factors:
+        return _run_reference(problem, device, steps)
 
     def fit(idx: list[int]) -> tuple[Tensor, Tensor]:
         W = _stack(problem.weights, idx, device)
         result = adam_fit(W, _stack(problem.B0, idx, device), _stack(problem.A0, idx, device), steps=steps)
         return result.B, result.A
 
-    with _measure(device) as measured:
-        factors = _run_stacked(problem, device, fit)
-    fitted = _products(factors)
-    record("adam_fit (batched, same updates)", measured, steps, fitted, _max_delta(fitted, reference, "reference"))
-
-    with _measure(device) as measured:
-        factors = _run_stacked(problem, device, lambda idx: svd_factors(_stack(problem.weights, idx, device), RANK))
-    exact = _products(factors)
-    record("svd_factors (full SVD)", measured, None, exact, "0 (is the baseline)")
-
-    generator = torch.Generator(device).manual_seed(0)
+    def exact(idx: list[int]) -> tuple[Tensor, Tensor]:
+        return svd_factors(_stack(problem.weights, idx, device), RANK)
 
     def randomized(idx: list[int]) -> tuple[Tensor, Tensor]:
+        # A generator per call: every repeat computes the same sketch.
+        generator = torch.Generator(device).manual_seed(0)
         return randomized_svd_factors(_stack(problem.weights, idx, device), RANK, generator=generator)
 
-    with _measure(device) as measured:
-        factors = _run_stacked(problem, device, randomized)
-    sketched = _products(factors)
-    record(
-        "randomized_svd_factors (niter=8, oversample=8)", measured, None, sketched, _max_delta(sketched, exact, "svd")
-    )
+    def factors_method(solve: Callable[[], Factors]) -> Callable[[], tuple[dict[str, float], list[Tensor]]]:
+        def run() -> tuple[dict[str, float], list[Tensor]]:
+            with _measure(device) as measured:
+                factors = solve()
+            return measured, _products(factors)
 
-    for init in ("pissa", "pissa_niter_4"):
-        products, measured = _run_peft(problem, device, init)
-        record(f'PEFT init_lora_weights="{init}"', measured, None, products, _max_delta(products, exact, "svd"))
-    return rows
+        return run
+
+    methods: dict[str, Callable[[], tuple[dict[str, float], list[Tensor]]]] = {
+        REFERENCE: factors_method(reference),
+        ADAM_FIT: factors_method(lambda: _run_stacked(problem, device, fit)),
+        SVD: factors_method(lambda: _run_stacked(problem, device, exact)),
+        RSVD: factors_method(lambda: _run_stacked(problem, device, randomized)),
+        **{f'PEFT init_lora_weights="{init}"': partial(_run_peft, problem, device, init) for init in PEFT_INITS},
+    }
+    # Only the first repeat's products are kept (every repeat computes the same ones): memory stays flat.
+    products: dict[str, list[Tensor]] = {}
+
+    def keep_first(name: str) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            measured, result = methods[name]()
+            products.setdefault(name, result)
+            return measured
+
+        return run
+
+    runs = interleaved({name: keep_first(name) for name in methods}, repeats)
+
+    def delta(name: str) -> str:
+        if name == REFERENCE:
+            return "—"
+        if name == SVD:
+            return "0 (is the baseline)"
+        if name == ADAM_FIT:
+            return _max_delta(products[name], products[REFERENCE], "reference")
+        return _max_delta(products[name], products[SVD], "svd")
+
+    return [
+        Row(
+            name,
+            [m["seconds"] for m in measured],
+            [m["peak_mib"] for m in measured],
+            steps if name in (REFERENCE, ADAM_FIT) else None,
+            _mse(problem, products[name]),
+            delta(name),
+        )
+        for name, measured in runs.items()
+    ]
 
 
 def _format_table(rows: list[Row], optimum: Tensor, steps: int) -> str:
     ref_full = rows[0].full_seconds()
     fit_full = rows[1].full_seconds()
     extrapolated = steps != FULL_STEPS
-    header = (
-        "| method | wall time (s) | time for 20 000 steps (s) | ref ÷ this | adam_fit ÷ this "
-        "| mean MSE | max MSE/optimal | max abs Δ(BA) | peak extra memory (MiB) |"
-    )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    mark = "≈" if extrapolated else ""
+    header = [
+        "method",
+        "min (s)",
+        "median (s)",
+        "20 000 steps, from the min (s)",
+        "ref ÷ this",
+        "adam_fit ÷ this",
+        "mean MSE",
+        "max MSE/optimal",
+        "max abs Δ(BA)",
+        "peak extra memory, max (MiB)",
+    ]
+    lines = []
     for row in rows:
+        fastest, median = min_median(row.seconds)
         if row.steps is None:
             full = "—"
-        elif extrapolated:
-            per_step = row.seconds / row.steps * 1e3
-            full = f"≈{row.full_seconds():.1f} (extrapolated from {row.steps} steps, {per_step:.3f} ms/step)"
         else:
-            full = f"{row.seconds:.1f} ({row.seconds / row.steps * 1e3:.3f} ms/step)"
-        mark = "≈" if extrapolated else ""
+            per_step = f"{fastest / row.steps * 1e3:.3f} ms/step"
+            full = f"≈{row.full_seconds():.1f} ({per_step})" if extrapolated else f"{fastest:.1f} ({per_step})"
         lines.append(
-            f"| {row.method} | {row.seconds:.3f} | {full} | {mark}{ref_full / row.full_seconds():.1f}× "
-            f"| {mark}{fit_full / row.full_seconds():.1f}× | {row.mse.mean().item():.4e} "
-            f"| {(row.mse / optimum).max().item():.6f} | {row.delta} | {row.peak_mib:.0f} |"
+            [
+                row.method,
+                f"{fastest:.3f}",
+                f"{median:.3f}",
+                full,
+                f"{mark}{ref_full / row.full_seconds():.1f}×",
+                f"{mark}{fit_full / row.full_seconds():.1f}×",
+                f"{row.mse.mean().item():.4e}",
+                f"{(row.mse / optimum).max().item():.6f}",
+                row.delta,
+                f"{max(row.peak_mib):.0f}",
+            ]
         )
-    return "\n".join(lines)
+    numeric = [False, True, True, True, True, True, True, True, False, True]
+    return markdown_table(header, lines, numeric=numeric)
 
 
 def _load(shape: str, device: torch.device, matrices: int) -> Problem:
@@ -302,27 +371,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=None, help="Adam steps for every shape set (default: per shape)")
-    parser.add_argument("--shapes", default="tiny,minilm,llama7b")
+    parser.add_argument(
+        "--shapes", default=DEFAULT_SHAPES, help=f"comma-separated, of {','.join(SHAPES)} (default {DEFAULT_SHAPES})"
+    )
     parser.add_argument("--llama7b-matrices", type=int, default=None, help="default: 2 on cpu, 64 on cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    add_run_arguments(parser, repeats=DEFAULT_REPEATS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    shapes = args.shapes.split(",")
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown shape set(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    pin_threads(args.threads)
     device = torch.device(args.device)
     defaults = CPU_STEPS if device.type == "cpu" else CUDA_STEPS
     matrices = args.llama7b_matrices or LLAMA7B_MATRICES[device.type]
-    # Intra-op threads spin-wait on each other: on a shared, busy CPU every small op can stall for a
-    # scheduler tick, so the load average is part of the result.
-    print(
-        f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} rank={RANK} "
-        f"loadavg(1 min, before)={os.getloadavg()[0]:.2f}"
-    )
-    for shape in args.shapes.split(","):
+    print(f"device={device} rank={RANK}; {run_header(args.repeats)}")
+    for shape in shapes:
         problem = _load(shape, device, matrices)
         steps = args.steps or defaults[shape]
-        rows = benchmark(problem, device, steps)
+        rows = benchmark(problem, device, steps, args.repeats)
         optimum = torch.cat([optimal_mse(W[None], RANK) for W in problem.weights])
-        print(f"\n### {problem.label}, Adam steps = {steps}, loadavg(1 min, after) = {os.getloadavg()[0]:.2f}\n")
+        print(f"\n### {problem.label}, Adam steps = {steps}; {loadavg_line()}\n")
         print(_format_table(rows, optimum, steps))
 
 

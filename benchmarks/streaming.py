@@ -1,9 +1,10 @@
 """Peak memory of the streamed `compute` versus loading the whole model.
 
-Run ``python -m benchmarks.streaming [--variant pissa] [--max-memory 32MB,256MB] [--layers 8] [--hidden 1024]``.
+Run ``python -m benchmarks.streaming [--threads 1] [--repeats 2] [--variant pissa] [--max-memory 32MB,256MB]
+[--layers 4] [--hidden 1024]``; ``--layers 8`` (a 277 MB checkpoint) is opt-in and takes about 1.5× the CPU time.
 
-It writes a synthetic sharded bf16 checkpoint of a Llama-like model (8 layers, hidden 1024, q/k/v/o all
-1024×1024, MLP 4096: ~270 MB), then runs each of these in a fresh subprocess and reads its peak resident set
+It writes a synthetic sharded bf16 checkpoint of a Llama-like model (by default 4 layers, hidden 1024, q/k/v/o
+all 1024×1024, MLP 4096: ~150 MB), then runs each of these in a fresh subprocess and reads its peak resident set
 size (``VmHWM``):
 
 * ``runtime only``: imports torch / transformers / inilora_hf and builds the meta-device module tree (what
@@ -13,23 +14,50 @@ size (``VmHWM``):
   compute: with ``dtype=torch.float32`` (what the `compute` command did before streaming), and in the stored
   dtype (transformers maps the safetensors files without copying, so only the pages it touches are resident).
 
-The factors of every run are compared with the fp32 in-memory run (max |Δ|), and a markdown table is printed.
+The runs are interleaved, ``--repeats`` times each, with threads pinned in every subprocess (``--threads``,
+default 1, see :mod:`benchmarks.harness`); the table gives min and median of the peak RSS and of the
+subprocess's wall time (interpreter start and imports included). Each subprocess spends several CPU-seconds
+importing torch, transformers and peft, so the default is 2 repeats (they mainly serve the wall-time column;
+the peak RSS moves little between them). The factors of every run are compared with
+the fp32 in-memory run (max |Δ|), and a markdown table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+from benchmarks.harness import (
+    add_run_arguments,
+    interleaved,
+    loadavg_line,
+    markdown_table,
+    min_median,
+    pin_threads,
+    run_header,
+    timed,
+)
+from inilora_hf import FactorSet, InitConfig, inilora_init
+from inilora_hf.factorsets.cache import CACHE_ENV_VAR
+from inilora_hf.factorsets.streaming import compute_streamed
 
 MB = 1e6
 NO_BOUND = "none"
+DEFAULT_REPEATS = 2
+BASELINE = "in memory, `dtype=float32` (old `compute` command)"
 
 
 def peak_rss_bytes() -> int:
@@ -46,9 +74,6 @@ def peak_rss_bytes() -> int:
 
 def build_checkpoint(directory: Path, *, layers: int, hidden: int, intermediate: int, vocab: int) -> int:
     """Save a random Llama-like bf16 checkpoint in 100 MB shards; return its size in bytes."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=hidden,
@@ -66,14 +91,7 @@ def build_checkpoint(directory: Path, *, layers: int, hidden: int, intermediate:
 
 
 def child(mode: str, checkpoint: str, out: str, variant: str, rank: int, options: dict, max_memory: str | None) -> None:
-    """One measured run; prints a JSON line with its peak RSS and wall time."""
-    started = time.perf_counter()
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from inilora_hf import InitConfig, inilora_init
-    from inilora_hf.factorsets.streaming import compute_streamed
-
+    """One measured run; prints a JSON line with its peak RSS and the threads torch used."""
     config = InitConfig(variant, rank=rank, options=options)
     if mode == "runtime":
         with torch.device("meta"):
@@ -88,10 +106,12 @@ def child(mode: str, checkpoint: str, out: str, variant: str, rank: int, options
         init.prepare().save_pretrained(out)
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    print(json.dumps({"peak_rss": peak_rss_bytes(), "seconds": time.perf_counter() - started}))
+    print(json.dumps({"peak_rss": peak_rss_bytes(), "threads": torch.get_num_threads()}))
 
 
 def run_child(mode: str, args: argparse.Namespace, checkpoint: Path, out: Path, max_memory: str | None) -> dict:
+    """Run one measured subprocess (threads pinned through the inherited environment); its peak RSS and the
+    wall time of the whole subprocess, interpreter start and imports included."""
     command = [
         sys.executable,
         "-m",
@@ -108,24 +128,27 @@ def run_child(mode: str, args: argparse.Namespace, checkpoint: Path, out: Path, 
         str(args.rank),
         "--steps",
         str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--max-memory",
+        max_memory or NO_BOUND,
     ]
-    command += ["--max-memory", max_memory or NO_BOUND]
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
+        CACHE_ENV_VAR: str(checkpoint.parent / "cache"),
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TQDM_DISABLE": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    seconds, result = timed(
+        lambda: subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=args.timeout)
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{mode} run failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "seconds": seconds}
 
 
 def max_factor_difference(left: Path, right: Path) -> float:
-    from inilora_hf import FactorSet
-
     a, b = FactorSet.from_pretrained(left), FactorSet.from_pretrained(right)
     return max(
         max(
@@ -142,22 +165,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="inilora fit steps (ignored by other variants)")
     parser.add_argument("--max-memory", default="32MB,256MB", help="comma-separated bounds to measure")
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the measured runs")
+    add_run_arguments(parser, repeats=DEFAULT_REPEATS)
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    pin_threads(args.threads)
     options = {"steps": args.steps} if args.variant == "inilora" else {}
     if args.child:
         bound = None if args.max_memory == NO_BOUND else args.max_memory
         child(args.child, args.checkpoint, args.out, args.variant, args.rank, options, bound)
         return
 
+    hf_logging.disable_progress_bar()
+    command = "python -m benchmarks.streaming " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"`{command.strip()}`\n")
+    print(run_header(args.repeats), "\n")
     with tempfile.TemporaryDirectory(prefix="inilora-stream-bench-") as tmp:
         root = Path(tmp)
         checkpoint = root / "checkpoint"
@@ -166,33 +194,59 @@ def main(argv: list[str] | None = None) -> None:
         )
         targets = 2 * args.layers * args.hidden * args.hidden * 2
         bounds = [bound for bound in args.max_memory.split(",") if bound]
-        runs = [
-            ("runtime only (imports + meta model)", "runtime", None),
-            *[(f"streamed, `max_memory={bound}`", "streamed", bound) for bound in bounds],
-            ("streamed, no bound (one group per shape)", "streamed", None),
-            ("in memory, stored dtype (mmap-backed load, then compute)", "in-memory-stored", None),
-            ("in memory, `dtype=float32` (old `compute` command)", "in-memory-fp32", None),
-        ]
-        rows = []
-        for label, mode, max_memory in runs:
-            out = root / f"out-{len(rows)}"
-            rows.append((label, out, run_child(mode, args, checkpoint, out, max_memory)))
-        baseline = rows[0][2]["peak_rss"]
-        difference = max(max_factor_difference(out, rows[-1][1]) for _label, out, _m in rows[1:-1])
+        runs = {
+            "runtime only (imports + meta model)": ("runtime", None),
+            **{f"streamed, `max_memory={bound}`": ("streamed", bound) for bound in bounds},
+            "streamed, no bound (one group per shape)": ("streamed", None),
+            "in memory, stored dtype (mmap-backed load, then compute)": ("in-memory-stored", None),
+            BASELINE: ("in-memory-fp32", None),
+        }
+        # The first repeat's factor sets are kept for the comparison; later repeats' are deleted at once.
+        outputs: dict[str, Path] = {}
 
-    command = "python -m benchmarks.streaming " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"`{command.strip()}`\n")
+        run_number = itertools.count()
+
+        def measure(label: str) -> dict:
+            mode, bound = runs[label]
+            out = root / f"out-{next(run_number)}"
+            measured = run_child(mode, args, checkpoint, out, bound)
+            if label in outputs:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                outputs[label] = out
+            return measured
+
+        measured = interleaved({label: partial(measure, label) for label in runs}, args.repeats)
+        difference = max(
+            max_factor_difference(outputs[label], outputs[BASELINE]) for label in runs if runs[label][0] != "runtime"
+        )
+
     print(
         f"checkpoint: {size / MB:.0f} MB bf16 in 100 MB shards ({args.layers} layers, hidden {args.hidden}); "
         f"targets q_proj+v_proj: {targets / MB:.0f} MB (bf16); variant {args.variant}, rank {args.rank}; "
-        f"OMP_NUM_THREADS={args.threads}\n"
+        f"torch threads in the subprocesses: {sorted({m['threads'] for ms in measured.values() for m in ms})}\n"
     )
-    print("| run | peak RSS (MB) | above runtime only (MB) | wall (s) |")
-    print("|---|---:|---:|---:|")
-    for label, _out, measured in rows:
-        extra = measured["peak_rss"] - baseline
-        print(f"| {label} | {measured['peak_rss'] / MB:.0f} | {extra / MB:+.0f} | {measured['seconds']:.1f} |")
-    print(f"\nevery run vs in memory with dtype=float32: max |Δ| of the factors = {difference:.2e}")
+    baseline = min_median([m["peak_rss"] for m in measured[next(iter(runs))]])[1]
+    rows = []
+    for label, repeats in measured.items():
+        rss_min, rss_median = min_median([m["peak_rss"] for m in repeats])
+        wall_min, wall_median = min_median([m["seconds"] for m in repeats])
+        rows.append(
+            [
+                label,
+                f"{rss_min / MB:.0f} / {rss_median / MB:.0f}",
+                f"{(rss_median - baseline) / MB:+.0f}",
+                f"{wall_min:.1f} / {wall_median:.1f}",
+            ]
+        )
+    print(
+        markdown_table(
+            ["run", "peak RSS, min / median (MB)", "median above runtime only (MB)", "wall, min / median (s)"],
+            rows,
+            numeric=[False, True, True, True],
+        )
+    )
+    print(f"\nevery run vs in memory with dtype=float32: max |Δ| of the factors = {difference:.2e}; {loadavg_line()}")
 
 
 if __name__ == "__main__":
