@@ -44,7 +44,7 @@ def run_dir(args: TrainingArguments, state: TrainerState) -> Path:
     `Trainer` uses `output_dir/<hp_name(trial)>` (recorded as `state.trial_name`) or `output_dir/run-<id>`;
     in the second case the most recently written trial folder that holds the current checkpoint is taken.
     """
-    root = Path(args.output_dir)
+    root = _output_dir(args)
     if state.trial_name:
         return root / state.trial_name
     if state.trial_params is None:
@@ -52,6 +52,12 @@ def run_dir(args: TrainingArguments, state: TrainerState) -> Path:
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     candidates = [path.parent for path in root.glob(f"*/{name}") if path.is_dir()]
     return max(candidates, key=lambda path: (path / name).stat().st_mtime) if candidates else root
+
+
+def _output_dir(args: TrainingArguments) -> Path:
+    """`args.output_dir`, which `TrainingArguments.__post_init__` sets when not given (`"trainer_output"`)."""
+    assert args.output_dir is not None, "TrainingArguments.__post_init__ sets output_dir"
+    return Path(args.output_dir)
 
 
 class ExportCallback(TrainerCallback):
@@ -130,7 +136,7 @@ def init_report_metrics(report: InitReport) -> dict[str, float]:
     if ratio:
         metrics["init/mean_mse_ratio"] = _mean(ratio)
         metrics["init/max_mse_ratio"] = float(max(ratio))
-    qlora = [m.qlora_error for m in modules if getattr(m, "qlora_error", None) is not None]
+    qlora: list[float] = [error for m in modules if (error := getattr(m, "qlora_error", None)) is not None]
     if qlora:  # bitsandbytes bases: plain QLoRA's starting error, next to reconstruction_rel
         metrics["init/mean_qlora_error"] = _mean(qlora)
     return metrics
@@ -233,7 +239,7 @@ class PushStandardCheckpointCallback(TrainerCallback):
         if not (args.push_to_hub and state.is_world_process_zero):
             return
         # Trainer itself defaults to a repo named after the output directory, in the token owner's namespace.
-        stem = args.hub_model_id or Path(args.output_dir).absolute().name
+        stem = args.hub_model_id or _output_dir(args).absolute().name
         model = kwargs["model"]
         api = HfApi(endpoint=self.endpoint, token=args.hub_token)
         private = getattr(args, "hub_private_repo", None)

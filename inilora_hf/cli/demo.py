@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -111,7 +113,7 @@ def run_demo(
         seconds: dict[str, float] = {}
         base = model or str(build_demo_base(folder / "base"))
         tokenizer = AutoTokenizer.from_pretrained(base)
-        options = {} if fit_steps is None or variant != "inilora" else {"steps": fit_steps}
+        options: dict[str, Any] = {} if fit_steps is None or variant != "inilora" else {"steps": fit_steps}
         init = inilora_init(base, variant=variant, rank=rank, dtype=torch.float32, cache_dir=cache_dir, **options)
 
         args = SFTConfig(
@@ -140,7 +142,8 @@ def run_demo(
         started = time.perf_counter()
         trainer.train()
         seconds["training"] = time.perf_counter() - started
-        trained = trainer.model
+        trained = cast(PeftModel, trainer.model)  # the PeftModel that inilora_init built
+        carrier: Any = trained  # `.factor_set` and `.init_report` are plain attributes set by `wrap_with_factors`
         trainer.save_model(str(folder / "adapter"))
 
         started = time.perf_counter()
@@ -150,7 +153,7 @@ def run_demo(
             "merged checkpoint": to_merged(trained, folder / "merged", tokenizer=tokenizer),
             "standard LoRA adapter": to_lora(trained, folder / "lora"),
         }
-        trained.factor_set.save_pretrained(paths["factor set"])
+        carrier.factor_set.save_pretrained(paths["factor set"])
         seconds["export"] = time.perf_counter() - started
 
         ids = tokenizer(["add 2 3 = 5", "reverse cat = tac"], return_tensors="pt", padding=True)
@@ -161,7 +164,7 @@ def run_demo(
             actual = merged(input_ids=ids["input_ids"]).logits
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         return DemoResult(
-            init_report=trained.init_report,
+            init_report=carrier.init_report,
             factor_source=init.factor_source,
             losses=losses,
             paths=paths,

@@ -155,7 +155,7 @@ def to_lora(
             max_shard_size=1 << 62,  # PEFT reads a single adapter file
             metadata={"format": "pt"},
         )
-        config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
+        config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
         export_card(peft_model, kind="lora", adapter_name=adapter_name).save(tmp / CARD_NAME)
     logger.info("Wrote standard LoRA adapter (r=%d, alpha=%g) to %s.", config.r, config.lora_alpha, output_dir)
     return Path(output_dir)

@@ -94,7 +94,8 @@ def _append_initial_factors(state: dict[str, torch.Tensor], config: LoraConfig, 
         state[f"{key}.lora_A.weight"] = torch.cat([lora_A.float(), initial.lora_A.float().cpu()], dim=0)
         initial_B = initial_lora_B(initial.lora_B, initial.extra).cpu()  # B0·R0 for LoRA-XS factors
         state[f"{key}.lora_B.weight"] = torch.cat([lora_B.float(), -initial_B], dim=1)
-    config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
+    # PEFT annotates `LoraConfig.lora_alpha: int`, but uses it as any number (`scaling = lora_alpha / r`).
+    config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)  # type: ignore[assignment]
     config.r = 2 * config.r
 
 

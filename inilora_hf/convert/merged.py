@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
@@ -12,7 +12,9 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import get_bnb_param_type
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
+from transformers import PreTrainedModel
 
+from inilora_hf.adapters.layers import adapter_linear
 from inilora_hf.adapters.loraxs import folded_lora_B, is_loraxs
 from inilora_hf.factorsets.targets import read_weight
 from inilora_hf.training.init_metadata import model_dtype
@@ -74,7 +76,7 @@ def merged_state_dict(
     return state
 
 
-def plain_skeleton(base: nn.Module, dtype: torch.dtype, inference_config: dict[str, Any]) -> nn.Module:
+def plain_skeleton(base: nn.Module, dtype: torch.dtype, inference_config: dict[str, Any]) -> PreTrainedModel:
     """A weightless (meta-device) instance of the base model's own class, to save the merged state with.
 
     Saving through it (rather than the PEFT-wrapped base) writes the plain class name, dtype and weight
@@ -90,8 +92,9 @@ def plain_skeleton(base: nn.Module, dtype: torch.dtype, inference_config: dict[s
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
         if attribute in config.__dict__:
             delattr(config, attribute)
+    model_class = cast(type[PreTrainedModel], type(base))  # a transformers model: only those have `_from_config`
     with torch.device("meta"):
-        skeleton = type(base)._from_config(config, dtype=dtype)
+        skeleton = model_class._from_config(config, dtype=dtype)
     if getattr(base, "generation_config", None) is not None:
         skeleton.generation_config = copy.deepcopy(base.generation_config)
     return skeleton
@@ -125,12 +128,12 @@ def _merged_weight(layer: LoraLayer, adapter: str, name: str) -> torch.Tensor:
         )
     if getattr(layer, "merged", False):
         raise ValueError(f"LoRA module {name!r} is merged into its base weight; call `model.unmerge_adapter()` first.")
-    lora_A = layer.lora_A[adapter].weight.detach().float()
+    lora_A = adapter_linear(layer, "lora_A", adapter).weight.detach().float()
     lora_B = folded_lora_B(layer, adapter)  # B, or B·R for LoRA-XS
     delta = layer.scaling[adapter] * (lora_B @ lora_A.to(lora_B.device))
     if getattr(layer, "fan_in_fan_out", False):
         delta = delta.T
-    weight = read_weight(layer.get_base_layer())
+    weight = read_weight(cast(nn.Linear, layer.get_base_layer()))  # targets are Linear layers (bitsandbytes' included)
     return (weight + delta.to(weight.device)).cpu()
 
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -97,8 +98,9 @@ def target_shapes(
             f"The checkpoint in {directory} is pre-quantized ({type(model_config.quantization_config).__name__}); "
             "streamed computation reads full-precision weights only. Use `inilora_init(..., quantization_config=...)`."
         )
+    model_factory: Any = model_class or AutoModelForCausalLM  # an Auto or model class: both have `from_config`
     with torch.device("meta"):
-        skeleton = (model_class or AutoModelForCausalLM).from_config(model_config)
+        skeleton = model_factory.from_config(model_config)
     modules = find_target_linears(skeleton, config.target_modules, allow_meta=True)
     check_rank(modules, config.rank)
     shapes = {name: (module.out_features, module.in_features) for name, module in modules.items()}

@@ -178,6 +178,11 @@ class InitFunction:
         `base`: an already-loaded, unmodified copy of the base model (default: load one)."""
         if not self._verified:
             self._resolve(*((base, None) if base is not None else self._load_identified()))
+        return self._resolved_factor_set()
+
+    def _resolved_factor_set(self) -> FactorSet:
+        """`factor_set`, which `_resolve` has set."""
+        assert self.factor_set is not None, "the factor set is resolved before it is used"
         return self.factor_set
 
     def _load_identified(self) -> tuple[nn.Module, dict[str, Any] | None]:
@@ -277,7 +282,8 @@ class InitFunction:
             computed.append(compute())
             computed[0].save_pretrained(directory)
 
-        lookup = get_or_build(key, build, cache_dir=self._options.cache_dir)
+        cache_dir = self._options.cache_dir
+        lookup = get_or_build(key, build, cache_dir=None if cache_dir is None else Path(cache_dir))
         if computed:
             logger.info("Computed factor set and stored it in the cache: %s", lookup.path)
             return computed[0], "computed"
@@ -288,7 +294,8 @@ class InitFunction:
         return FactorSet.from_pretrained(lookup.path, verify_checksums=False), f"cache:{key}"
 
     def _check_factor_set(self, fingerprints: dict[str, dict]) -> None:
-        stored = self.factor_set.config
+        factor_set = self._resolved_factor_set()
+        stored = factor_set.config
         for name, value in self._options.requested.items():
             if getattr(stored, name) != value:
                 raise ValueError(
@@ -304,13 +311,13 @@ class InitFunction:
             )
         self.config = replace(stored, quantization=requested_quantization)
         if self._options.strict:
-            self.factor_set.check_compatible(fingerprints)
+            factor_set.check_compatible(fingerprints)
 
     def __call__(self, trial: Any = None) -> PeftModel:
         """Return a new `PeftModel` ready to train (`trial` from hyper-parameter search is accepted)."""
         base, checkpoint = (self.load_base_model(), None) if self._verified else self._load_identified()
         self._resolve(base, checkpoint)
         model = wrap_with_factors(
-            base, self.factor_set, source=self.factor_source, revision=self.revision, **self._lora_kwargs
+            base, self._resolved_factor_set(), source=self.factor_source, revision=self.revision, **self._lora_kwargs
         )
         return attach_init_metadata(model)

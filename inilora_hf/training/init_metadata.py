@@ -177,7 +177,8 @@ def attach_init_metadata(peft_model: PeftModel) -> PeftModel:
     _factor_set_of(peft_model)
     current = peft_model.__dict__.get("save_pretrained")
     if not (isinstance(current, functools.partial) and current.func is _save_pretrained_with_init_metadata):
-        peft_model.save_pretrained = functools.partial(_save_pretrained_with_init_metadata, peft_model)
+        # An instance attribute shadowing the method, written into `__dict__` where the check above reads it.
+        peft_model.__dict__["save_pretrained"] = functools.partial(_save_pretrained_with_init_metadata, peft_model)
     return peft_model
 
 
@@ -185,7 +186,8 @@ def _save_pretrained_with_init_metadata(
     model: PeftModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any
 ) -> Any:
     method = type(model).save_pretrained
-    result = method(model, save_directory, *args, **kwargs)
+    # PEFT annotates `save_directory: str`; its os.path calls convert a PathLike with `os.fspath` all the same.
+    result = method(model, os.fspath(save_directory), *args, **kwargs)
     bound = inspect.signature(method).bind(model, save_directory, *args, **kwargs)
     bound.apply_defaults()
     options = bound.arguments

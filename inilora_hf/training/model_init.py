@@ -112,6 +112,7 @@ def inilora_init(
         model_kwargs=model_kwargs,
         quantization_config=quantization_config,
     )
+    targets = None if target_modules is None else normalize_targets(target_modules)
     requested = {
         field: value
         for field, value in {
@@ -119,7 +120,7 @@ def inilora_init(
             "rank": rank,
             "lora_alpha": lora_alpha,
             "use_rslora": use_rslora,
-            "target_modules": None if target_modules is None else normalize_targets(target_modules),
+            "target_modules": targets,
         }.items()
         if value is not None
     }
@@ -131,7 +132,7 @@ def inilora_init(
         rank=8 if rank is None else rank,
         lora_alpha=lora_alpha,
         use_rslora=bool(use_rslora),
-        target_modules=("q_proj", "v_proj") if target_modules is None else target_modules,
+        target_modules=("q_proj", "v_proj") if targets is None else targets,
         options=options,
     )
     init = InitFunction(

@@ -65,15 +65,19 @@ class SFTTrainer(trl.SFTTrainer):
                         "through model_init would skip. Apply it to the base model before inilora_init instead."
                     )
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-            self.model_init = model_init
+            # transformers infers `Trainer.model_init: Callable[..., PreTrainedModel]`, but any nn.Module (a
+            # PeftModel) is accepted (`call_model_init` returns nn.Module) and it assigns None itself.
+            self.model_init = model_init  # type: ignore[assignment]
             # Data-driven inits need the train dataset, which trl prepares in __init__, which needs a model: build
             # the trainer around the plain base model, then replace it by model_init's PEFT model.
-            needs_data = getattr(model_init, "needs_calibration_data", False)
-            model = model_init.load_base_model() if needs_data else Trainer.call_model_init(self)
+            # `needs_calibration_data` and `load_base_model` are duck-typed: an InitFunction or a look-alike.
+            init: Any = model_init
+            needs_data = getattr(init, "needs_calibration_data", False)
+            model = init.load_base_model() if needs_data else Trainer.call_model_init(self)
         else:
             needs_data = False
         super().__init__(model, args, *pos, **kwargs)
-        self.model_init = model_init
+        self.model_init = model_init  # type: ignore[assignment]  # transformers' inferred type (see above)
         if needs_data:
             del model
             self._init_with_train_data(model_init)
@@ -82,7 +86,9 @@ class SFTTrainer(trl.SFTTrainer):
     def _init_with_train_data(self, model_init: Any) -> None:
         """Give `model_init` this trainer's prepared train data as calibration data, then build the model."""
         offer_trainer_calibration(model_init, self)
-        self.model = self.model_wrapped = self.callback_handler.model = None  # free the stand-in first
+        # Free the stand-in first. transformers infers `model_wrapped: nn.Module` from its first assignment, though
+        # `Trainer.model` (which it mirrors) is Optional; it is None only until model_init's model replaces it.
+        self.model = self.model_wrapped = self.callback_handler.model = None  # type: ignore[assignment]
         enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
         model = self._postprocess(Trainer.call_model_init(self))
         self.model = self.model_wrapped = self.callback_handler.model = model
@@ -97,18 +103,22 @@ class SFTTrainer(trl.SFTTrainer):
 
     def _postprocess(self, model: nn.Module) -> nn.Module:
         """Mirror what `trl.SFTTrainer.__init__` does to a model that it did not build itself."""
+        # A PreTrainedModel, or a PeftModel, which forwards `config`, `generation_config` and
+        # `enable_input_require_grads` to its base model at run time.
+        forwarding: Any = model
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
             for name, param in model.named_parameters():
                 if param.requires_grad and "lora_magnitude_vector" not in name:
                     param.data = param.data.to(torch.bfloat16)
         if is_peft_model(model) and self.args.gradient_checkpointing:
-            model.enable_input_require_grads()
+            forwarding.enable_input_require_grads()
         pad_token_id = getattr(self._tokenizer, "pad_token_id", None)
         if pad_token_id is not None:
-            model.config.get_text_config().pad_token_id = pad_token_id
+            forwarding.config.get_text_config().pad_token_id = pad_token_id
             if getattr(model, "generation_config", None) is not None:
-                model.generation_config.pad_token_id = pad_token_id
+                forwarding.generation_config.pad_token_id = pad_token_id
         add_fused_lm_head(
-            model.get_base_model() if is_peft_model(model) else model, outputs=("log_probs", "entropy", "is_top1")
+            forwarding.get_base_model() if is_peft_model(model) else forwarding,
+            outputs=("log_probs", "entropy", "is_top1"),
         )
         return model

@@ -201,9 +201,10 @@ def _factor_set_with_residual(directory: Path, metadata: dict[str, Any]) -> Fact
 def _lora_kwargs(saved: LoraConfig, factor_set: FactorSet, directory: Path) -> dict[str, Any]:
     """The saved adapter's LoRA options that differ from defaults, after checking it fits the factor set."""
     config = factor_set.config
+    alpha = config.rank if config.lora_alpha is None else config.lora_alpha  # None only before __post_init__
     if (saved.r, float(saved.lora_alpha), bool(saved.use_rslora)) != (
         config.rank,
-        float(config.lora_alpha),
+        float(alpha),
         config.use_rslora,
     ):
         raise ValueError(
