@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -346,3 +347,19 @@ def test_demo_runs_the_data_driven_variant_it_lists(tmp_path: Path) -> None:
     # Same math in a different fp32 order (W0 + s·B·R·A summed once vs. two matmuls per layer): a few hundred
     # roundings of relative size eps per logit at most.
     assert (merged - adapter).abs().max() <= 1000 * torch.finfo(torch.float32).eps * merged.abs().max()
+
+
+def test_an_error_of_a_command_that_loads_the_heavy_layers_is_one_line(tmp_path):
+    """In a fresh process (so torch, peft and bitsandbytes are imported for the first time): stderr holds exactly
+    the error line, not third-party import notices."""
+    result = subprocess.run(
+        [sys.executable, "-m", "inilora_hf.cli", "inspect", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("inilora-hf inspect: error:")

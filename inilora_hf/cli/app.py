@@ -219,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose or args.command == "demo":
         set_verbosity(logging.INFO)
+    if not args.verbose:
+        # bitsandbytes warns on import, through an unconfigured logger (so on stderr), that an optional CPU kernel
+        # package is missing; it would turn every one-line error into two lines. Shown with -v.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         _check_arguments(args)
         # The one place the heavy layers are imported, so that --help and argument errors answer at once.

@@ -137,7 +137,8 @@ def translated_hub_errors(
         ) from error
     except HFValidationError as error:
         raise FactorSetNotFoundError(
-            f"{repo_id!r} is neither an existing directory nor a valid Hub repo id ('org/name'): {error}"
+            f"{repo_id!r} is neither an existing directory nor a valid Hub repo id ('org/name'): check the path, or "
+            "pass the 'org/name' of a factor-set repo."
         ) from error
     except GatedRepoError as error:
         raise FactorSetNotFoundError(
