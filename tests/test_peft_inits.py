@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 
 from inilora_hf import InitConfig, available_variants, get_variant, inilora_init, load_trained
 from inilora_hf.errors import PeftInitError
-from inilora_hf.variants import peft_native, register_variant, registry
+from inilora_hf.variants import VariantInputs, peft_native, register_variant, registry
 from inilora_hf.variants.peft_native import harvest
 from tests import helpers, test_convert
 from tests.conftest import tiny_llama
@@ -169,6 +169,19 @@ def test_seed_and_niter_are_recorded_and_enter_the_cache_key() -> None:
     assert not torch.equal(seeded[0].factors[name].lora_A, seeded[1].factors[name].lora_A)
     plain_A, _, _ = lora_weights(plain_peft_module(base, "orthogonal", name, seed=1))
     assert torch.equal(seeded[1].factors[name].lora_A, plain_A)
+
+
+@pytest.mark.parametrize("variant", sorted(RANDOM))
+def test_a_module_s_draws_do_not_depend_on_the_other_modules_computed(variant: str) -> None:
+    """Streamed computation and `torchrun` ranks compute subsets of the modules: each must get the same factors."""
+    base = tiny_llama()
+    weights = {n: m.weight.detach().float() for n, m in base.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    config = InitConfig(variant, rank=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+    compute = get_variant(variant).compute
+    together = compute(VariantInputs(weights=weights, config=config))
+    for name, weight in weights.items():
+        alone = compute(VariantInputs(weights={name: weight}, config=config))[name]
+        assert torch.equal(alone.lora_A, together[name].lora_A) and torch.equal(alone.lora_B, together[name].lora_B)
 
 
 def test_computing_the_factors_leaves_the_caller_s_random_state_alone() -> None:
