@@ -15,6 +15,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from transformers import Trainer, TrainingArguments
 
 from inilora_hf import InitConfig, available_variants, get_variant, inilora_init, load_trained
 from inilora_hf.errors import PeftInitError
@@ -258,6 +259,37 @@ def test_mica_trains_A_only_exactly_like_plain_peft(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "run")
     reloaded = load_trained(tmp_path / "run", base_model=copy.deepcopy(base), is_trainable=True)
     assert {name for name, p in reloaded.named_parameters() if p.requires_grad} == trainable
+
+
+def test_mica_b_stays_frozen_through_a_trainer_run_and_its_resume(tmp_path: Path) -> None:
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    init = inilora_init(str(tmp_path / "base"), variant="mica", rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS)
+    rows = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in rows]
+
+    def trainer(max_steps: int) -> Trainer:
+        args = TrainingArguments(
+            str(tmp_path / "run"),
+            max_steps=max_steps,
+            save_steps=1,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        return Trainer(model_init=init, args=args, train_dataset=data)
+
+    trainer(1).train()
+    resumed = trainer(2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    model = resumed.model
+    for name, factors in init.factor_set.factors.items():
+        layer = model.get_base_model().get_submodule(name)
+        assert not layer.lora_B["default"].weight.requires_grad and layer.lora_A["default"].weight.requires_grad
+        A, B, _ = lora_weights(layer)
+        assert torch.equal(B, factors.lora_B) and not torch.equal(A, factors.lora_A), name
 
 
 def test_a_peft_init_that_differs_from_the_declaration_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
