@@ -41,6 +41,13 @@ from .registry import ModuleFactors, VariantSpec, get_variant, register_variant,
 
 FP32_UNIT_ROUNDOFF = 2.0**-24
 
+#: The PEFT release whose inits these variants were checked against (tests/test_peft_inits.py).
+CHECKED_PEFT_VERSION = "0.21.2"
+_FIX = (
+    f"These variants were checked against PEFT {CHECKED_PEFT_VERSION}: install it (`pip install "
+    f"peft=={CHECKED_PEFT_VERSION}`) or report the change to inilora_hf."
+)
+
 #: The default `niter` of `pissa_niter`: PEFT's PiSSA recipe passes `init_lora_weights="pissa_niter_4"`.
 DEFAULT_NITER = 4
 
@@ -113,13 +120,12 @@ def check_peft_init(name: str, weight: torch.Tensor, result: PeftLayerInit, spec
     if result.frozen != spec.frozen_factors:
         raise PeftInitError(
             f"{peft_says} freezes {list(result.frozen)} for training, but the variant declares "
-            f"{list(spec.frozen_factors)}. Use the PEFT version this inilora_hf release was tested with."
+            f"{list(spec.frozen_factors)}. {_FIX}"
         )
     if not spec.residual:
         if not torch.equal(result.base_weight, weight):
             raise PeftInitError(
-                f"{peft_says} changed the base weight, but the variant is registered with residual=False. Use the "
-                "PEFT version this inilora_hf release was tested with."
+                f"{peft_says} changed the base weight, but the variant is registered with residual=False. {_FIX}"
             )
         return
     rounds = result.lora_A.shape[0] + 2
@@ -129,7 +135,7 @@ def check_peft_init(name: str, weight: torch.Tensor, result: PeftLayerInit, spec
     if not bool(((result.base_weight - residual).abs() <= bound).all()):
         raise PeftInitError(
             f"{peft_says} left a base weight other than W0 − s·B·A (beyond fp32 rounding), which inilora_hf "
-            "recomputes from the stored factors. Use the PEFT version this inilora_hf release was tested with."
+            f"recomputes from the stored factors. {_FIX}"
         )
 
 
