@@ -42,3 +42,9 @@ class OutputExistsError(FileExistsError):
 class BaseModelNotFoundError(FileNotFoundError):
     """The base model cannot be loaded: no such local directory, no such Hub repo or revision (or it is private),
     or it is not in the local cache while offline."""
+
+
+class PeftInitError(RuntimeError):
+    """PEFT's own init did something the variant does not declare (it changed the base weight differently, or froze
+    other factors), typically under a PEFT version whose init changed: pin the PEFT version the variant was checked
+    with, or report it."""

@@ -20,7 +20,7 @@ from inilora_hf.linalg.bnb import bnb_bits, store_quantized
 from inilora_hf.log import get_logger
 from inilora_hf.variants import get_variant
 
-from .layers import adapter_linear
+from .layers import adapter_linear, freeze_adapter_weights
 from .loraxs import CORE_KEY, attach_core, count_core_parameters
 from .quantized import fidelity, layer_settings
 
@@ -103,7 +103,11 @@ def apply_factor_set(
         raise ValueError(f"The PEFT model has no LoRA layer for {missing[:3]} (adapter {adapter_name!r}).")
     for name in sorted(factor_set.factors):
         report.modules.append(_apply_module(layers[name], factor_set, name, adapter_name, spec.residual))
+        if spec.frozen_factors:
+            freeze_adapter_weights(layers[name], adapter_name, spec.frozen_factors)
     logger.info("LoRA init applied (%s):\n%s", source or spec.name, report.summary())
+    if spec.frozen_factors:
+        logger.info("%s: %s stay(s) frozen during training.", spec.name, " and ".join(spec.frozen_factors))
     cores, core_parameters = count_core_parameters(peft_model, adapter_name=adapter_name)
     if cores:
         logger.info(

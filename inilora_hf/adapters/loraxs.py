@@ -40,7 +40,7 @@ from inilora_hf.log import get_logger
 # factors with this extra trains in the LoRA-XS architecture.
 from inilora_hf.variants.data_driven import CORE_KEY
 
-from .layers import adapter_linear
+from .layers import adapter_linear, freeze_adapter_weights
 
 logger = get_logger(__name__)
 
@@ -132,10 +132,7 @@ def attach_core(layer: LoraLayer, adapter_name: str, core: torch.Tensor) -> nn.L
     cores: nn.ModuleDict = getattr(layer, CORE_KEY)
     cores[adapter_name] = module
     layer.lora_variant[adapter_name] = LoraXSVariant()
-    frozen = {name: tuple(names) for name, names in layer.frozen_peft_weight_names.items()}
-    frozen[adapter_name] = tuple(dict.fromkeys((*frozen.get(adapter_name, ()), "lora_A", "lora_B")))
-    layer.frozen_peft_weight_names = frozen  # an instance copy: the class-level default stays empty
-    layer._freeze_non_trainable_peft_weights(adapter_name)
+    freeze_adapter_weights(layer, adapter_name, ("lora_A", "lora_B"))
     return module
 
 

@@ -19,7 +19,20 @@ from inilora_hf.output_dirs import check_output_dir
 
 # The built-in variant names, listed in --help without importing the registry (which needs torch); a test keeps
 # this equal to `inilora_hf.available_variants()` in a fresh process.
-BUILTIN_VARIANTS = ("gaussian", "inilora", "inilora-alpha", "inilora-beta", "lora", "lora-sb", "milora", "pissa")
+BUILTIN_VARIANTS = (
+    "gaussian",
+    "inilora",
+    "inilora-alpha",
+    "inilora-beta",
+    "lora",
+    "lora-sb",
+    "mica",
+    "milora",
+    "olora",
+    "orthogonal",
+    "pissa",
+    "pissa_niter",
+)
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 

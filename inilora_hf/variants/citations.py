@@ -22,3 +22,9 @@ LORA_SB = (
     "Efficient Low-Rank Fine-Tuning},\n  author={Ponkshe, Kaustubh and Singhal, Raghav and others},\n"
     "  journal={arXiv preprint arXiv:2411.19557},\n  year={2024}\n}"
 )
+OLORA = "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models, arXiv:2406.01775 (2024)."
+ORTHOGONAL = (
+    "PEFT's `init_lora_weights='orthogonal'`, after https://datta0.github.io/posts/rethink-lora-init/"
+    "#orthogonal-initialisation"
+)
+MICA = "Minor Component Adaptation (MiCA), arXiv:2604.01694, as implemented in PEFT 0.21 (`init_lora_weights='mica'`)."

@@ -21,8 +21,19 @@ from .registry import ModuleFactors, register_variant, require
 DrawFn = Callable[[str, torch.Tensor, torch.Tensor, torch.Generator], None]
 
 
-def _check_seed(options: dict) -> None:
+def check_seed(options: dict) -> None:
+    """Option validator of variants whose only random input is the `seed` option: it must be an integer."""
     require(isinstance(options["seed"], int), f"`seed` must be an integer, got {options['seed']!r}.")
+
+
+def module_seed(seed: int, name: str) -> int:
+    """The 64-bit seed of one module: the first 8 bytes (little-endian) of sha256(f"{seed}/{name}").
+
+    Example:
+        >>> module_seed(0, "q") == module_seed(0, "q") != module_seed(1, "q")
+        True
+    """
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little")
 
 
 def module_generator(seed: int, name: str) -> torch.Generator:
@@ -33,8 +44,7 @@ def module_generator(seed: int, name: str) -> torch.Generator:
         >>> torch.equal(first, torch.randn(3, generator=module_generator(0, "q")))
         True
     """
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.Generator().manual_seed(module_seed(seed, name))
 
 
 def draw_factors(inputs: VariantInputs, fill: DrawFn) -> dict[str, ModuleFactors]:
@@ -54,7 +64,7 @@ def draw_factors(inputs: VariantInputs, fill: DrawFn) -> dict[str, ModuleFactors
     "lora",
     residual=False,
     defaults={"seed": 0},
-    check=_check_seed,
+    check=check_seed,
     description="PEFT default: Kaiming-uniform A (a=√5), B = 0; base weight unchanged.",
     citation=LORA,
 )
@@ -72,7 +82,7 @@ def lora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     "gaussian",
     residual=False,
     defaults={"seed": 0},
-    check=_check_seed,
+    check=check_seed,
     description="PEFT's gaussian: A ~ N(0, 1/r²), B = 0; base weight unchanged.",
     citation=LORA,
 )
@@ -88,7 +98,7 @@ def gaussian(inputs: VariantInputs) -> dict[str, ModuleFactors]:
 
 
 def _check_alpha(options: dict) -> None:
-    _check_seed(options)
+    check_seed(options)
     sigma = options["sigma"]
     require(isinstance(sigma, (int, float)) and sigma > 0, f"`sigma` must be a positive number, got {sigma!r}.")
 
@@ -113,7 +123,7 @@ def inilora_alpha(inputs: VariantInputs) -> dict[str, ModuleFactors]:
 
 
 def _check_beta(options: dict) -> None:
-    _check_seed(options)
+    check_seed(options)
     require(
         options["kaiming"] in ("normal", "uniform"),
         f"`kaiming` must be 'normal' or 'uniform', got {options['kaiming']!r}.",

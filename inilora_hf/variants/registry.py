@@ -8,7 +8,7 @@ Whether the base weight is replaced by the residual `R = W0 − s·B·A` is a pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -50,6 +50,8 @@ class VariantSpec:
     citation: str | None = None
     needs_gradients: bool = False
     approximates_weight: bool = False
+    frozen_factors: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
 
     def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
         """Fill in defaults and validate `options`, raising a `ValueError` that lists the accepted names."""
@@ -65,6 +67,8 @@ class VariantSpec:
 
 
 _REGISTRY: dict[str, VariantSpec] = {}
+_ALIASES: dict[str, str] = {}  # another spelling → the registered name
+_FACTOR_NAMES = ("lora_A", "lora_B")
 
 
 def register_variant(
@@ -77,6 +81,8 @@ def register_variant(
     citation: str | None = None,
     needs_gradients: bool = False,
     approximates_weight: bool = False,
+    frozen_factors: Sequence[str] = (),
+    aliases: Sequence[str] = (),
     overwrite: bool = False,
 ) -> Callable[[_Variant], _Variant]:
     """Register an init variant under `name` (decorator).
@@ -93,6 +99,9 @@ def register_variant(
         citation: BibTeX or a reference line for model cards.
         needs_gradients: The variant reads `inputs.gradients` (calibration data is required).
         approximates_weight: The factors approximate `W0`; the init report then includes the rank-r SVD optimum.
+        frozen_factors: Factors that keep their initial value during training (`"lora_A"`, `"lora_B"`), e.g.
+            MiCA's `("lora_B",)`; they are frozen the way PEFT freezes them, also after a resume.
+        aliases: Other spellings accepted as `variant=` (e.g. a hyphenated one); factor sets record `name`.
         overwrite: Allow replacing an existing registration.
 
     Example:
@@ -107,10 +116,23 @@ def register_variant(
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"A variant name must be a non-empty string, got {name!r}.")
+    unknown_factors = sorted(set(frozen_factors) - set(_FACTOR_NAMES))
+    if unknown_factors:
+        raise ValueError(f"`frozen_factors` may name {_FACTOR_NAMES}, got {unknown_factors}.")
+    spellings = (name, *aliases)
+    if (
+        isinstance(aliases, str)
+        or not all(isinstance(spelling, str) and spelling for spelling in aliases)
+        or len(set(spellings)) < len(spellings)
+    ):
+        raise ValueError(f"Aliases must be distinct non-empty strings other than {name!r}, got {list(aliases)!r}.")
 
     def decorator(fn: _Variant) -> _Variant:
         if name in _REGISTRY and not overwrite and _REGISTRY[name].compute is not fn:
             raise ValueError(f"A variant named {name!r} is already registered; pass overwrite=True to replace it.")
+        taken = [s for s in spellings if _ALIASES.get(s, name) != name or (s != name and s in _REGISTRY)]
+        if taken:
+            raise ValueError(f"{taken} already name(s) another variant; choose other aliases for {name!r}.")
         _REGISTRY[name] = VariantSpec(
             name=name,
             compute=fn,
@@ -121,16 +143,26 @@ def register_variant(
             citation=citation,
             needs_gradients=needs_gradients,
             approximates_weight=approximates_weight,
+            frozen_factors=tuple(frozen_factors),
+            aliases=tuple(aliases),
         )
+        for stale in [alias for alias, target in _ALIASES.items() if target == name]:
+            del _ALIASES[stale]  # a re-registration (overwrite=True) replaces the aliases too
+        _ALIASES.update(dict.fromkeys(aliases, name))
         return fn
 
     return decorator
 
 
 def get_variant(name: str) -> VariantSpec:
-    """Look up a registered variant, raising a `ValueError` that lists the known names."""
+    """Look up a registered variant by its name or an alias, raising a `ValueError` that lists the known names.
+
+    Example:
+        >>> get_variant("pissa-niter").name
+        'pissa_niter'
+    """
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[_ALIASES.get(name, name)]
     except (KeyError, TypeError):
         raise ValueError(
             f"Unknown init variant {name!r}. Known variants: {', '.join(available_variants())}. "
@@ -139,7 +171,7 @@ def get_variant(name: str) -> VariantSpec:
 
 
 def available_variants() -> list[str]:
-    """Names of all registered variants, sorted."""
+    """Names of all registered variants, sorted (aliases are not listed)."""
     return sorted(_REGISTRY)
 
 
