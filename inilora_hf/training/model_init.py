@@ -27,6 +27,8 @@ def inilora_init(
     lora_alpha: float | None = None,
     use_rslora: bool | None = None,
     target_modules: Sequence[str] | str | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
     factors: FactorSet | str | os.PathLike | None = None,
     model_class: type | None = None,
     dtype: torch.dtype | str | None = None,
@@ -59,6 +61,9 @@ def inilora_init(
         lora_alpha: LoRA alpha (default: `rank`, i.e. scaling 1 as in the IniLoRA recipes).
         use_rslora: Rank-stabilised scaling.
         target_modules: Module names/suffixes, a regex string, or `"all-linear"` (default `["q_proj", "v_proj"]`).
+        rank_pattern: Per-module ranks, exactly as `peft.LoraConfig.rank_pattern` (a module-name suffix or regular
+            expression → rank, e.g. `{"q_proj": 16}`); any variant. Stored in the factor set and its cache key.
+        alpha_pattern: Per-module alphas, exactly as `peft.LoraConfig.alpha_pattern`.
         factors: A `FactorSet`, a directory, or a Hub repo id holding one; None computes it.
         model_class: Class used to load `model` from a path (default `AutoModelForCausalLM`; e.g.
             `AutoModelForSequenceClassification`).
@@ -102,6 +107,7 @@ def inilora_init(
     Example:
         >>> from inilora_hf import inilora_init, SFTTrainer
         >>> init = inilora_init("meta-llama/Llama-2-7b-hf", variant="inilora", rank=8)   # doctest: +SKIP
+        >>> init = inilora_init("./base", variant="pissa", rank=4, rank_pattern={"q_proj": 8})  # doctest: +SKIP
         >>> trainer = SFTTrainer(model_init=init, args=SFTConfig("out"), train_dataset=ds)  # doctest: +SKIP
     """
     loading = ModelLoading.from_arguments(
@@ -121,6 +127,8 @@ def inilora_init(
             "lora_alpha": lora_alpha,
             "use_rslora": use_rslora,
             "target_modules": targets,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
         }.items()
         if value is not None
     }
@@ -134,6 +142,8 @@ def inilora_init(
         use_rslora=bool(use_rslora),
         target_modules=("q_proj", "v_proj") if targets is None else targets,
         options=options,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
     )
     init = InitFunction(
         model,
