@@ -195,6 +195,8 @@ def test_exports_reload_without_inilora_hf_with_the_trained_outputs(run: dict) -
     assert (saved["r"], saved["lora_alpha"]) == (4 * factor, 4 * factor)
     assert saved["rank_pattern"] == {re.escape(n): 8 * factor for n in q_names}
     assert saved["alpha_pattern"] == {re.escape(n): 16 * factor for n in v_names}
+    for card in (run["root"] / "lora" / "README.md", run["root"] / "first" / "checkpoint-4" / "README.md"):
+        assert "rank_pattern {'q_proj': 8}, alpha_pattern {'v_proj': 16}" in card.read_text(), card
 
 
 def test_load_trained_rebuilds_the_trained_model(run: dict) -> None:

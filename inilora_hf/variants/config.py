@@ -157,6 +157,19 @@ class InitConfig:
         rank = self.rank_for(name)
         return self.alpha_for(name) / (math.sqrt(rank) if self.use_rslora else rank)
 
+    def pattern_summary(self) -> str:
+        """`", rank_pattern {...}, alpha_pattern {...}"` for the patterns that are set (cards and logs), else `""`.
+
+        Example:
+            >>> InitConfig("lora", rank=4, rank_pattern={"q_proj": 8}).pattern_summary()
+            ", rank_pattern {'q_proj': 8}"
+        """
+        return "".join(
+            f", {name} {value!r}"
+            for name, value in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern))
+            if value
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict, including the format version."""
         data = asdict(self)
