@@ -21,7 +21,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from inilora_hf import InitConfig, available_variants, convert, get_variant, inilora_init
+from inilora_hf import InitConfig, convert, get_variant, inilora_init
+from inilora_hf.cli.app import BUILTIN_VARIANTS
 from inilora_hf.factorsets.publish import push_factor_set
 from inilora_hf.training import init_function
 from inilora_hf.training.trained_model import load_trained
@@ -269,7 +270,7 @@ def test_hub_repo_carries_the_patterns_and_its_card_snippet_reproduces_the_init(
     assert (helpers.logits_of(namespace["model"], INPUT_IDS) - expected).abs().max().item() <= tolerance
 
 
-@pytest.mark.parametrize("variant", available_variants())
+@pytest.mark.parametrize("variant", BUILTIN_VARIANTS)
 def test_every_variant_gives_same_shape_modules_their_own_ranks(variant: str, tiny_base_dir: Path) -> None:
     """Layer 0's and layer 1's q_proj have one shape but ranks 4 and 2: batched variants must not stack them."""
     layer1 = r"layers\.1\.self_attn\.q_proj"
