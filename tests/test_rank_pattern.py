@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from inilora_hf import InitConfig, convert, get_variant, inilora_init
 from inilora_hf.cli.app import BUILTIN_VARIANTS
 from inilora_hf.factorsets.publish import push_factor_set
+from inilora_hf.factorsets.streaming import compute_streamed
 from inilora_hf.training import init_function
 from inilora_hf.training.trained_model import load_trained
 from tests import helpers
@@ -296,3 +297,31 @@ def test_every_variant_gives_same_shape_modules_their_own_ranks(variant: str, ti
         rank, scaling = expected[name.removeprefix("base_model.model.")]
         assert layer.lora_B["default"].weight.shape == (64, rank)
         assert layer.scaling["default"] == scaling
+
+
+@pytest.mark.parametrize("variant", ["pissa", "inilora"])
+def test_streamed_compute_honours_the_patterns(variant: str, tiny_base_dir: Path, tmp_path: Path) -> None:
+    """`compute_streamed` (one matrix per group) equals the in-memory init per module, each at its own rank and
+    scaling: pissa within the fp32 SVD factor bound of `W0 / s`, inilora (σ̄ pooled from `W0 / s` per module)
+    within the Adam drift bound of differently blocked fp32 arithmetic."""
+    patterns = {"rank_pattern": {r"layers\.1\.self_attn\.q_proj": 2}, "alpha_pattern": {"v_proj": 16}}
+    options = OPTIONS.get(variant, {})
+    config = InitConfig(variant, rank=4, target_modules=TARGETS, options=options, **patterns)
+    streamed = compute_streamed(tiny_base_dir, config, tmp_path / "out", max_memory=1, device="cpu")
+    init = inilora_init(
+        tiny_base_dir, variant=variant, rank=4, target_modules=TARGETS, use_cache=False, **options, **patterns
+    )
+    expected = init.prepare()
+    assert streamed.config == expected.config
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
+    for name, factors in expected.factors.items():
+        rank = 2 if name == "model.layers.1.self_attn.q_proj" else 4
+        scaling = (16 if name.endswith("v_proj") else 4) / rank
+        weight = base.get_submodule(name).weight.detach().double().numpy() / scaling
+        if variant == "pissa":
+            tolerance = helpers.svd_factor_tolerance(np.linalg.svd(weight, compute_uv=False), weight.shape, rank)
+        else:
+            tolerance = helpers.adam_drift_bound(options["steps"], 5e-4, accumulation=max(weight.shape) + rank + 3)
+        assert streamed.factors[name].lora_A.shape == (rank, weight.shape[1])
+        torch.testing.assert_close(streamed.factors[name].lora_A, factors.lora_A, atol=tolerance, rtol=0, msg=name)
+        torch.testing.assert_close(streamed.factors[name].lora_B, factors.lora_B, atol=tolerance, rtol=0, msg=name)
