@@ -325,3 +325,8 @@ def test_streamed_compute_honours_the_patterns(variant: str, tiny_base_dir: Path
         assert streamed.factors[name].lora_A.shape == (rank, weight.shape[1])
         torch.testing.assert_close(streamed.factors[name].lora_A, factors.lora_A, atol=tolerance, rtol=0, msg=name)
         torch.testing.assert_close(streamed.factors[name].lora_B, factors.lora_B, atol=tolerance, rtol=0, msg=name)
+
+
+def test_lora_config_kwargs_may_not_set_what_the_factor_set_determines(tiny_base_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"sets \['rank_pattern'\].*`rank_pattern=`"):
+        inilora_init(tiny_base_dir, variant="pissa", rank=4, lora_config_kwargs={"rank_pattern": {"q_proj": 8}})

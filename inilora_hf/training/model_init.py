@@ -18,6 +18,11 @@ from .calibration import CalibrationSource
 from .init_function import FactorOptions, InitFunction
 from .loading import ModelLoading
 
+# LoraConfig fields that the factor set determines (`lora_config_for`); `lora_config_kwargs` may not set them.
+_FACTOR_SET_LORA_FIELDS = frozenset(
+    {"r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern"}
+)
+
 
 def inilora_init(
     model: str | os.PathLike | PreTrainedModel,
@@ -168,6 +173,12 @@ def inilora_init(
             "`calibration_data` has no effect with "
             f"{'`factors=`' if factors is not None else f'variant {config.variant!r}'}: "
             "only data-driven variants (e.g. 'lora-sb') computed here use it. Drop it."
+        )
+    derived = sorted(set(lora_config_kwargs or {}) & _FACTOR_SET_LORA_FIELDS)
+    if derived:
+        raise ValueError(
+            f"`lora_config_kwargs` sets {derived}, which the factor set determines. Pass them to `inilora_init` "
+            "instead (`rank=`, `lora_alpha=`, `use_rslora=`, `target_modules=`, `rank_pattern=`, `alpha_pattern=`)."
         )
     if factors is not None and options:
         raise ValueError(
