@@ -11,6 +11,8 @@ import copy
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from inilora_hf import InitConfig, convert, get_variant, inilora_init
-from inilora_hf.cli.app import BUILTIN_VARIANTS
+from inilora_hf import FactorSet, InitConfig, convert, get_variant, inilora_init
+from inilora_hf.cli.app import BUILTIN_VARIANTS, main
 from inilora_hf.factorsets.publish import push_factor_set
 from inilora_hf.factorsets.streaming import compute_streamed
 from inilora_hf.training import init_function
@@ -330,3 +332,22 @@ def test_streamed_compute_honours_the_patterns(variant: str, tiny_base_dir: Path
 def test_lora_config_kwargs_may_not_set_what_the_factor_set_determines(tiny_base_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"sets \['rank_pattern'\].*`rank_pattern=`"):
         inilora_init(tiny_base_dir, variant="pissa", rank=4, lora_config_kwargs={"rank_pattern": {"q_proj": 8}})
+
+
+def test_cli_compute_takes_rank_and_alpha_patterns(tiny_base_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fs"
+    argv = ["compute", str(tiny_base_dir), "--out", str(out), "--variant", "pissa", "--rank", "4"]
+    assert main([*argv, "--rank-pattern", "q_proj=8", "--alpha-pattern", r"layers\.1\..*=16"]) == 0
+    factor_set = FactorSet.from_pretrained(out)
+    assert (factor_set.config.rank_pattern, factor_set.config.alpha_pattern) == ({"q_proj": 8}, {r"layers\.1\..*": 16})
+    assert factor_set.factors["model.layers.0.self_attn.q_proj"].lora_A.shape == (8, 64)
+    assert factor_set.factors["model.layers.0.self_attn.v_proj"].lora_A.shape == (4, 64)
+
+
+def test_cli_bad_pattern_is_one_line_without_traceback(tiny_base_dir: Path, tmp_path: Path) -> None:
+    script = str(Path(sys.executable).with_name("inilora-hf"))
+    argv = [script, "compute", str(tiny_base_dir), "--out", str(tmp_path / "fs"), "--rank-pattern", "q_proj=0"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "rank_pattern['q_proj']` must be a positive integer" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "fs").exists()

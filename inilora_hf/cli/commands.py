@@ -59,6 +59,8 @@ def cmd_compute(args: argparse.Namespace) -> int:
         use_rslora=args.rslora,
         target_modules=args.targets.split(","),
         options=dict(args.option),
+        rank_pattern=dict(args.rank_pattern),
+        alpha_pattern=dict(args.alpha_pattern),
     )
     factor_set = streaming.compute_streamed(
         args.base,
