@@ -334,7 +334,9 @@ def test_lora_config_kwargs_may_not_set_what_the_factor_set_determines(tiny_base
         inilora_init(tiny_base_dir, variant="pissa", rank=4, lora_config_kwargs={"rank_pattern": {"q_proj": 8}})
 
 
-def test_cli_compute_takes_rank_and_alpha_patterns(tiny_base_dir: Path, tmp_path: Path) -> None:
+def test_cli_compute_takes_rank_and_alpha_patterns(
+    tiny_base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "fs"
     argv = ["compute", str(tiny_base_dir), "--out", str(out), "--variant", "pissa", "--rank", "4"]
     assert main([*argv, "--rank-pattern", "q_proj=8", "--alpha-pattern", r"layers\.1\..*=16"]) == 0
@@ -342,6 +344,9 @@ def test_cli_compute_takes_rank_and_alpha_patterns(tiny_base_dir: Path, tmp_path
     assert (factor_set.config.rank_pattern, factor_set.config.alpha_pattern) == ({"q_proj": 8}, {r"layers\.1\..*": 16})
     assert factor_set.factors["model.layers.0.self_attn.q_proj"].lora_A.shape == (8, 64)
     assert factor_set.factors["model.layers.0.self_attn.v_proj"].lora_A.shape == (4, 64)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "rank_pattern {'q_proj': 8}, alpha_pattern {'layers\\\\.1\\\\..*': 16}" in capsys.readouterr().out
 
 
 def test_cli_bad_pattern_is_one_line_without_traceback(tiny_base_dir: Path, tmp_path: Path) -> None:

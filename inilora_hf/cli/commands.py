@@ -82,7 +82,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = factor_set.config
     print(
         f"variant: {config.variant}   rank: {config.rank}   lora_alpha: {config.lora_alpha:g}   "
-        f"rslora: {config.use_rslora}   scaling: {config.scaling:g}"
+        f"rslora: {config.use_rslora}   scaling: {config.scaling:g}{config.pattern_summary()}"
     )
     print(f"targets: {config.target_modules}   options: {config.options}")
     print(

@@ -17,8 +17,8 @@ def module_patterns(values: Mapping[str, float], default: float) -> dict[str, An
     matches a dotted suffix, so a name never falls to a shorter name's key).
 
     Example:
-        >>> module_patterns({"m.layers.0.q_proj": 8, "m.layers.0.v_proj": 4}, 4)
-        {'m\\.layers\\.0\\.q_proj': 8}
+        >>> module_patterns({"m.layers.0.q_proj": 8, "m.layers.0.v_proj": 4}, 4) == {re.escape("m.layers.0.q_proj"): 8}
+        True
     """
     differing = sorted((name for name, value in values.items() if value != default), key=lambda n: (-len(n), n))
     return {re.escape(name): values[name] for name in differing}
