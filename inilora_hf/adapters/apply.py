@@ -123,10 +123,9 @@ def _apply_module(
 ) -> ModuleReport:
     factors = factor_set.factors[name]
     scaling = layer.scaling[adapter_name]
-    if abs(scaling - factor_set.config.scaling) > 1e-12 * max(1.0, scaling):
-        raise ValueError(
-            f"LoRA scaling of {name!r} is {scaling}, but the factor set was computed for {factor_set.config.scaling}."
-        )
+    expected = factor_set.config.scaling_for(name)
+    if abs(scaling - expected) > 1e-12 * max(1.0, scaling):
+        raise ValueError(f"LoRA scaling of {name!r} is {scaling}, but the factor set was computed for {expected}.")
     base = cast(nn.Linear, layer.get_base_layer())  # targets are Linear layers (bitsandbytes' included)
     lora_A = adapter_linear(layer, "lora_A", adapter_name).weight
     lora_B = adapter_linear(layer, "lora_B", adapter_name).weight

@@ -82,9 +82,9 @@ def quantization_ready(
         )
     residual_variant = get_variant(config.variant).residual
     adapter_dtype = getattr(torch, settings["adapter_dtype"])
-    scaling, rank = config.scaling, config.rank
     ready = {}
     for name, module in factors.items():
+        scaling, rank = config.scaling_for(name), config.rank_for(name)
         weight = weights[name].float()
         lora_A = module.lora_A.to(adapter_dtype).float()
         lora_B = module.lora_B.to(adapter_dtype).float()

@@ -61,6 +61,15 @@ def _parse_option(text: str) -> tuple[str, object]:
     return key, raw
 
 
+def _parse_pattern(text: str) -> tuple[str, object]:
+    """`pattern=value` (split at the last `=`, so a regular expression may contain one), value parsed as in
+    `_parse_option`."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"Patterns are MODULE_PATTERN=VALUE, e.g. q_proj=16, got {text!r}.")
+    key, raw = text.rsplit("=", 1)
+    return key, _parse_option(f"value={raw}")[1]
+
+
 def _variant_help(note: str = "") -> str:
     return f"init variant: {', '.join(BUILTIN_VARIANTS)} (default: %(default)s){note}"
 
@@ -84,6 +93,16 @@ def _add_init_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets", default="q_proj,v_proj", help="comma-separated names of the target modules (default: %(default)s)"
     )
+    for flag, field, default in (("--rank-pattern", "rank", "--rank"), ("--alpha-pattern", "alpha", "--lora-alpha")):
+        parser.add_argument(
+            flag,
+            action="append",
+            type=_parse_pattern,
+            default=[],
+            metavar="PATTERN=VALUE",
+            help=f"per-module LoRA {field}, repeatable, as PEFT's `{field}_pattern`: a module-name suffix or regular "
+            f"expression, e.g. q_proj=16 (default: none, every module uses {default})",
+        )
     parser.add_argument(
         "--option",
         "-o",

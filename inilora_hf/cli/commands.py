@@ -59,6 +59,8 @@ def cmd_compute(args: argparse.Namespace) -> int:
         use_rslora=args.rslora,
         target_modules=args.targets.split(","),
         options=dict(args.option),
+        rank_pattern=dict(args.rank_pattern),
+        alpha_pattern=dict(args.alpha_pattern),
     )
     factor_set = streaming.compute_streamed(
         args.base,
@@ -80,7 +82,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = factor_set.config
     print(
         f"variant: {config.variant}   rank: {config.rank}   lora_alpha: {config.lora_alpha:g}   "
-        f"rslora: {config.use_rslora}   scaling: {config.scaling:g}"
+        f"rslora: {config.use_rslora}   scaling: {config.scaling:g}{config.pattern_summary()}"
     )
     print(f"targets: {config.target_modules}   options: {config.options}")
     print(

@@ -77,7 +77,8 @@ def export_card(model: PeftModel, *, kind: str, adapter_name: str | None = None)
         "",
         (
             f"Fine-tuned from `{base or 'an unnamed base model'}` with LoRA (rank {config.rank}, alpha "
-            f"{config.lora_alpha:g}{', rsLoRA' if config.use_rslora else ''}, targets {config.target_modules!r}), "
+            f"{config.lora_alpha:g}{', rsLoRA' if config.use_rslora else ''}{config.pattern_summary()}, "
+            f"targets {config.target_modules!r}), "
             f"initialised with the **{config.variant}** variant by `inilora_hf`.{residual}"
         ),
         "",

@@ -1,6 +1,6 @@
 """The standard-LoRA form of a trained model: PEFT's adapter tensors and `LoraConfig`, relative to the original base.
 
-Residual variants get rank 2r (`A' = [A; A0]`, `B' = [B, −B0]`, alpha scaled so `s` is unchanged); LoRA-XS
+Residual variants get rank 2r per module (`A' = [A; A0]`, `B' = [B, −B0]`, alpha scaled so `s` is unchanged); LoRA-XS
 cores are folded into B; the task type and, for a task that only now gets one, the task head are recorded."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 
 from inilora_hf.adapters.loraxs import fold_cores, initial_lora_B
 from inilora_hf.adapters.tasks import task_classes
@@ -70,18 +70,18 @@ def _add_task_heads(state: dict[str, torch.Tensor], model: PeftModel, task_type:
 
 
 def _append_initial_factors(state: dict[str, torch.Tensor], config: LoraConfig, factor_set: FactorSet) -> None:
-    """Rank 2r: `A' = [A; A0]`, `B' = [B, −B0]`, so `s·B'A' = s·(BA − B0A0)` on top of `W0`."""
-    if config.rank_pattern or config.alpha_pattern:
-        raise ValueError(
-            "Converting an adapter with `rank_pattern`/`alpha_pattern` is not supported: inilora_hf factor sets "
-            "use one rank. Remove the patterns from the LoRA config."
-        )
-    if not math.isclose(_scaling(config.r, config.lora_alpha, config.use_rslora), factor_set.config.scaling):
-        raise ValueError(
-            f"The adapter's scaling ({config.lora_alpha}/{config.r}, rslora={config.use_rslora}) differs from the "
-            f"factor set's ({factor_set.config.scaling}); it was not trained from this factor set."
-        )
+    """Rank 2r per module: `A' = [A; A0]`, `B' = [B, −B0]`, so `s·B'A' = s·(BA − B0A0)` on top of `W0`; every rank
+    (`r` and `rank_pattern`) is doubled and every alpha (`lora_alpha` and `alpha_pattern`) scaled so that each
+    module keeps its scaling."""
+    rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
     for name, initial in sorted(factor_set.factors.items()):
+        rank = rank_pattern.get(get_pattern_key(list(rank_pattern), name), config.r)
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), name), config.lora_alpha)
+        if not math.isclose(_scaling(rank, alpha, config.use_rslora), factor_set.config.scaling_for(name)):
+            raise ValueError(
+                f"The adapter's scaling of {name!r} ({alpha}/{rank}, rslora={config.use_rslora}) differs from the "
+                f"factor set's ({factor_set.config.scaling_for(name)}); it was not trained from this factor set."
+            )
         key = f"base_model.model.{name}"
         try:
             lora_A, lora_B = state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"]
@@ -95,8 +95,11 @@ def _append_initial_factors(state: dict[str, torch.Tensor], config: LoraConfig, 
         initial_B = initial_lora_B(initial.lora_B, initial.extra).cpu()  # B0·R0 for LoRA-XS factors
         state[f"{key}.lora_B.weight"] = torch.cat([lora_B.float(), -initial_B], dim=1)
     # PEFT annotates `LoraConfig.lora_alpha: int`, but uses it as any number (`scaling = lora_alpha / r`).
-    config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)  # type: ignore[assignment]
+    factor = math.sqrt(2) if config.use_rslora else 2
+    config.lora_alpha = config.lora_alpha * factor  # type: ignore[assignment]
+    config.alpha_pattern = {key: alpha * factor for key, alpha in alpha_pattern.items()}
     config.r = 2 * config.r
+    config.rank_pattern = {key: 2 * rank for key, rank in rank_pattern.items()}
 
 
 def _scaling(rank: int, alpha: float, use_rslora: bool) -> float:

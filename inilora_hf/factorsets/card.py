@@ -148,7 +148,7 @@ from transformers import AutoModelForCausalLM
 REPO = {json.dumps(repo_id)}
 config = PeftConfig.from_pretrained(REPO, subfolder="init_adapter")
 adapter = load_file(hf_hub_download(REPO, "adapter_model.safetensors", subfolder="init_adapter"))
-scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+{_scaling_code(factor_set)}
 
 # The residual model: W <- W - s * B0 @ A0 for every target module (computed in fp32).
 model = AutoModelForCausalLM.from_pretrained({json.dumps(base_ref)}{revision}, dtype=torch.float32)
@@ -157,7 +157,7 @@ with torch.no_grad():
         lora_A = adapter[f"base_model.model.{{name}}.lora_A.weight"].float()
         lora_B = adapter[f"base_model.model.{{name}}.lora_B.weight"].float()
         weight = model.get_submodule(name).weight
-        weight.copy_((weight.float() - scaling * (lora_B @ lora_A)).to(weight.dtype))
+        weight.copy_((weight.float() - scaling_of(name) * (lora_B @ lora_A)).to(weight.dtype))
 
 model = PeftModel.from_pretrained(model, REPO, subfolder="init_adapter", is_trainable=True)
 """
@@ -194,6 +194,38 @@ inilora-hf pull {repo_id}   # same, prints the local path
 {_plain_usage(plain)}"""
 
 
+def _scaling_code(factor_set: FactorSetData) -> str:
+    """The card snippet's `scaling_of(name)`: one scaling, or PEFT's per-module lookup with rank/alpha patterns."""
+    config = factor_set.config
+    if not (config.rank_pattern or config.alpha_pattern):
+        return (
+            "\n\ndef scaling_of(name):  # one rank and alpha for every module\n"
+            "    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)\n"
+        )
+    return """from peft.utils.other import get_pattern_key
+
+
+def scaling_of(name):  # each module's rank and alpha, looked up as PEFT does
+    r = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), name), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), name), config.lora_alpha)
+    return alpha / (math.sqrt(r) if config.use_rslora else r)
+"""
+
+
+def _module_ranks(factor_set: FactorSetData) -> str:
+    """A table of the modules whose rank or alpha differs from the defaults (`rank_pattern` / `alpha_pattern`)."""
+    config = factor_set.config
+    rows = [
+        f"| `{name}` | {factors.lora_A.shape[0]} | {config.alpha_for(name):g} | {config.scaling_for(name):g} |"
+        for name, factors in sorted(factor_set.factors.items())
+        if factors.lora_A.shape[0] != config.rank or config.alpha_for(name) != config.lora_alpha
+    ]
+    if not rows:
+        return ""
+    header = "Per-module ranks (`rank_pattern` / `alpha_pattern`); other modules use the defaults above:\n\n"
+    return header + "| module | r | alpha | s |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
 def _plain_usage(code: str | None) -> str:
     if code is None:
         return (
@@ -215,7 +247,8 @@ The exact `InitConfig`:
 ```json
 {json.dumps(config.to_dict(), indent=2, sort_keys=True)}
 ```
-"""
+
+{_module_ranks(factor_set)}"""
 
 
 def _number(value: float | None) -> str:

@@ -108,8 +108,8 @@ def run_variant(
     if missing:
         raise ValueError(f"Variant {spec.name!r} returned no factors for {missing[:3]}.")
     for name, module in factors.items():
-        expected_A = (config.rank, weights[name].shape[1])
-        expected_B = (weights[name].shape[0], config.rank)
+        expected_A = (config.rank_for(name), weights[name].shape[1])
+        expected_B = (weights[name].shape[0], config.rank_for(name))
         if tuple(module.lora_A.shape) != expected_A or tuple(module.lora_B.shape) != expected_B:
             raise ValueError(
                 f"Variant {spec.name!r} returned lora_A {tuple(module.lora_A.shape)} / lora_B "

@@ -1,7 +1,9 @@
-"""The `LoraConfig` a factor set implies (rank, alpha, rsLoRA, the exact target modules)."""
+"""The `LoraConfig` a factor set implies (rank, alpha, rsLoRA, the exact target modules, per-module ranks)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from peft import LoraConfig
@@ -9,19 +11,37 @@ from peft import LoraConfig
 from .format import FactorSetData
 
 
+def module_patterns(values: Mapping[str, float], default: float) -> dict[str, Any]:
+    """PEFT `rank_pattern` / `alpha_pattern` entries that give each module (full name) its value: one escaped
+    full-name key per module whose value differs from `default`, longest first (PEFT takes the first key that
+    matches a dotted suffix, so a name never falls to a shorter name's key).
+
+    Example:
+        >>> module_patterns({"m.layers.0.q_proj": 8, "m.layers.0.v_proj": 4}, 4) == {re.escape("m.layers.0.q_proj"): 8}
+        True
+    """
+    differing = sorted((name for name, value in values.items() if value != default), key=lambda n: (-len(n), n))
+    return {re.escape(name): values[name] for name in differing}
+
+
 def lora_config_for(factor_set: FactorSetData, **lora_kwargs: Any) -> LoraConfig:
-    """The `LoraConfig` matching a factor set (rank, alpha, rsLoRA, the exact target modules).
+    """The `LoraConfig` matching a factor set (rank, alpha, rsLoRA, the exact target modules, and each module's
+    rank and alpha as explicit full-name `rank_pattern` / `alpha_pattern` entries where they differ from the
+    defaults).
 
     The factors are written afterwards, so PEFT's own init is left at its default (`init_lora_weights=True`),
     which is also what a saved adapter must declare: reloading never re-runs a weight-mutating init.
     """
     config = factor_set.config
+    names = sorted(factor_set.factors)
     return LoraConfig(
         r=config.rank,
         # PEFT annotates `lora_alpha` as int but takes any positive number (InitConfig resolved None to `rank`).
         lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         use_rslora=config.use_rslora,
-        target_modules=sorted(factor_set.factors),
+        target_modules=names,
+        rank_pattern=module_patterns({n: factor_set.factors[n].lora_A.shape[0] for n in names}, config.rank),
+        alpha_pattern=module_patterns({n: config.alpha_for(n) for n in names}, config.lora_alpha or config.rank),
         init_lora_weights=True,
         **lora_kwargs,
     )

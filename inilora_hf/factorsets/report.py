@@ -27,15 +27,15 @@ def fit_statistics(
     mean((s·B·A − W0)²), the rank-r SVD optimum `optimal_mse` and `mse_ratio`; `{}` for other variants, where
     s·B·A is not meant to approximate W0.
 
-    Computed in fp32, batched by shape, without forming the (out, in) error matrix.
+    Computed in fp32, batched by shape and rank, without forming the (out, in) error matrix.
     """
     if not get_variant(config.variant).approximates_weight:
         return {}
-    scaling = config.scaling
     stats: dict[str, dict[str, float]] = {}
-    for names in shape_groups({n: tuple(w.shape) for n, w in weights.items()}):
+    # Grouped by (rank, out, in): modules of one shape but different ranks (`rank_pattern`) are not stacked together.
+    for names in shape_groups({n: (config.rank_for(n), *w.shape) for n, w in weights.items()}):
         target = stack(weights, names, device=device)
-        lora_B = torch.stack([factors[n].lora_B.float() for n in names]).to(device) * scaling
+        lora_B = torch.stack([factors[n].lora_B.float() * config.scaling_for(n) for n in names]).to(device)
         lora_A = torch.stack([factors[n].lora_A.float() for n in names]).to(device)
         mse = factor_mse(target, lora_B, lora_A).cpu()
         optimum = optimal_mse(target, lora_A.shape[1]).cpu()

@@ -102,7 +102,7 @@ def target_shapes(
     with torch.device("meta"):
         skeleton = model_factory.from_config(model_config)
     modules = find_target_linears(skeleton, config.target_modules, allow_meta=True)
-    check_rank(modules, config.rank)
+    check_rank(modules, config)
     shapes = {name: (module.out_features, module.in_features) for name, module in modules.items()}
     return shapes, getattr(skeleton, "base_model_prefix", "") or ""
 
@@ -315,7 +315,7 @@ def compute_streamed(
         for name in shapes:  # model order, as the in-memory path pools σ̄
             weight = read_tensor(locations[name], shapes[name])
             fingerprints[name] = weight_fingerprint(weight)
-            stds[name] = (weight.float() / config.scaling).std().item()
+            stds[name] = (weight.float() / config.scaling_for(name)).std().item()
             del weight
             progress.update(1)
     std_by_type = mean_by_type(stds)

@@ -11,6 +11,7 @@ from torch import nn
 
 from inilora_hf.errors import TargetModuleError
 from inilora_hf.linalg.bnb import bnb_bits, dequantize
+from inilora_hf.variants.config import InitConfig
 
 ALL_LINEAR = "all-linear"
 
@@ -94,14 +95,17 @@ def _unmatched(target_modules: Sequence[str], names: list[str]) -> list[str]:
     return missing
 
 
-def check_rank(modules: dict[str, nn.Linear], rank: int) -> None:
-    """Raise a `ValueError` if `rank` exceeds min(out, in) of any target (the factors would be rank-deficient)."""
+def check_rank(modules: dict[str, nn.Linear], config: InitConfig) -> None:
+    """Raise a `ValueError` if a module's rank (`config.rank_for`) exceeds its min(out, in) (the factors would be
+    rank-deficient)."""
     for name, module in sorted(modules.items()):
         limit = min(module.out_features, module.in_features)
+        rank = config.rank_for(name)
         if rank > limit:
             raise ValueError(
                 f"rank={rank} is larger than min(out_features, in_features)={limit} of {name!r} "
-                f"({module.out_features}×{module.in_features}). Use rank ≤ {limit} or target larger modules."
+                f"({module.out_features}×{module.in_features}). Use rank ≤ {limit} (`rank` / `rank_pattern`) or "
+                "target larger modules."
             )
 
 

@@ -219,7 +219,7 @@ class InitFunction:
         For a bitsandbytes base, W0 is the full-precision checkpoint (loaded once, targets only kept) and the
         config records the layers' quantization settings."""
         modules = find_target_linears(base, self.config.target_modules)
-        check_rank(modules, self.config.rank)
+        check_rank(modules, self.config)
         settings = [layer_settings(m) for m in modules.values()]
         if settings[0]["bits"] is None:
             fingerprints = target_fingerprints(modules, checkpoint, cache_dir=self._options.cache_dir)

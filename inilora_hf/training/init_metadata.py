@@ -242,7 +242,8 @@ def training_adapter_card(model: PeftModel) -> ModelCard:
     )
     setup = (
         f"Trained by `inilora_hf` from {base_text} with LoRA (rank {config.rank}, alpha {config.lora_alpha:g}"
-        f"{', rsLoRA' if config.use_rslora else ''}, targets {config.target_modules!r}), initialised with the "
+        f"{', rsLoRA' if config.use_rslora else ''}{config.pattern_summary()}, "
+        f"targets {config.target_modules!r}), initialised with the "
         f"**{variant}** variant. This folder holds the factors as training saved them (a `checkpoint-N` folder, or "
         "`trainer.save_model()` / `model.save_pretrained()` output)."
     )

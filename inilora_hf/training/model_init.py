@@ -18,6 +18,11 @@ from .calibration import CalibrationSource
 from .init_function import FactorOptions, InitFunction
 from .loading import ModelLoading
 
+# LoraConfig fields that the factor set determines (`lora_config_for`); `lora_config_kwargs` may not set them.
+_FACTOR_SET_LORA_FIELDS = frozenset(
+    {"r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern"}
+)
+
 
 def inilora_init(
     model: str | os.PathLike | PreTrainedModel,
@@ -27,6 +32,8 @@ def inilora_init(
     lora_alpha: float | None = None,
     use_rslora: bool | None = None,
     target_modules: Sequence[str] | str | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
     factors: FactorSet | str | os.PathLike | None = None,
     model_class: type | None = None,
     dtype: torch.dtype | str | None = None,
@@ -59,6 +66,9 @@ def inilora_init(
         lora_alpha: LoRA alpha (default: `rank`, i.e. scaling 1 as in the IniLoRA recipes).
         use_rslora: Rank-stabilised scaling.
         target_modules: Module names/suffixes, a regex string, or `"all-linear"` (default `["q_proj", "v_proj"]`).
+        rank_pattern: Per-module ranks, exactly as `peft.LoraConfig.rank_pattern` (a module-name suffix or regular
+            expression → rank, e.g. `{"q_proj": 16}`); any variant. Stored in the factor set and its cache key.
+        alpha_pattern: Per-module alphas, exactly as `peft.LoraConfig.alpha_pattern`.
         factors: A `FactorSet`, a directory, or a Hub repo id holding one; None computes it.
         model_class: Class used to load `model` from a path (default `AutoModelForCausalLM`; e.g.
             `AutoModelForSequenceClassification`).
@@ -102,6 +112,7 @@ def inilora_init(
     Example:
         >>> from inilora_hf import inilora_init, SFTTrainer
         >>> init = inilora_init("meta-llama/Llama-2-7b-hf", variant="inilora", rank=8)   # doctest: +SKIP
+        >>> init = inilora_init("./base", variant="pissa", rank=4, rank_pattern={"q_proj": 8})  # doctest: +SKIP
         >>> trainer = SFTTrainer(model_init=init, args=SFTConfig("out"), train_dataset=ds)  # doctest: +SKIP
     """
     loading = ModelLoading.from_arguments(
@@ -121,6 +132,8 @@ def inilora_init(
             "lora_alpha": lora_alpha,
             "use_rslora": use_rslora,
             "target_modules": targets,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
         }.items()
         if value is not None
     }
@@ -134,6 +147,8 @@ def inilora_init(
         use_rslora=bool(use_rslora),
         target_modules=("q_proj", "v_proj") if targets is None else targets,
         options=options,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
     )
     init = InitFunction(
         model,
@@ -158,6 +173,12 @@ def inilora_init(
             "`calibration_data` has no effect with "
             f"{'`factors=`' if factors is not None else f'variant {config.variant!r}'}: "
             "only data-driven variants (e.g. 'lora-sb') computed here use it. Drop it."
+        )
+    derived = sorted(set(lora_config_kwargs or {}) & _FACTOR_SET_LORA_FIELDS)
+    if derived:
+        raise ValueError(
+            f"`lora_config_kwargs` sets {derived}, which the factor set determines. Pass them to `inilora_init` "
+            "instead (`rank=`, `lora_alpha=`, `use_rslora=`, `target_modules=`, `rank_pattern=`, `alpha_pattern=`)."
         )
     if factors is not None and options:
         raise ValueError(

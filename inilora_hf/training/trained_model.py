@@ -22,6 +22,7 @@ from inilora_hf.factorsets.cache import entry_path
 from inilora_hf.factorsets.checkpoint_files import load_pretrained
 from inilora_hf.factorsets.compute import model_fingerprints
 from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.lora_config import lora_config_for
 from inilora_hf.log import get_logger
 
 from .init_metadata import (
@@ -41,6 +42,8 @@ _DERIVED_LORA_FIELDS = frozenset(
         "r",
         "lora_alpha",
         "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
         "target_modules",
         "init_lora_weights",
         "peft_type",
@@ -202,15 +205,19 @@ def _lora_kwargs(saved: LoraConfig, factor_set: FactorSet, directory: Path) -> d
     """The saved adapter's LoRA options that differ from defaults, after checking it fits the factor set."""
     config = factor_set.config
     alpha = config.rank if config.lora_alpha is None else config.lora_alpha  # None only before __post_init__
-    if (saved.r, float(saved.lora_alpha), bool(saved.use_rslora)) != (
+    expected = lora_config_for(factor_set)
+    if (saved.r, float(saved.lora_alpha), bool(saved.use_rslora), saved.rank_pattern, saved.alpha_pattern) != (
         config.rank,
         float(alpha),
         config.use_rslora,
+        expected.rank_pattern,
+        expected.alpha_pattern,
     ):
         raise ValueError(
             f"The adapter in {directory} has r={saved.r}, lora_alpha={saved.lora_alpha}, "
-            f"use_rslora={saved.use_rslora}, "
-            f"but the factor set has r={config.rank}, lora_alpha={config.lora_alpha}, use_rslora={config.use_rslora}. "
+            f"use_rslora={saved.use_rslora}, rank_pattern={saved.rank_pattern}, alpha_pattern={saved.alpha_pattern}, "
+            f"but the factor set has r={config.rank}, lora_alpha={config.lora_alpha}, use_rslora={config.use_rslora}, "
+            f"rank_pattern={expected.rank_pattern}, alpha_pattern={expected.alpha_pattern}. "
             "It was not trained from this factor set (a standard adapter from `to_lora` loads with plain "
             "`PeftModel.from_pretrained` on the original base instead)."
         )

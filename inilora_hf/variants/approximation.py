@@ -18,7 +18,7 @@ import torch
 from transformers.utils.logging import tqdm
 
 from inilora_hf.linalg.fit import adam_fit, randomized_svd_factors
-from inilora_hf.linalg.grouping import shape_groups, stack
+from inilora_hf.linalg.grouping import stack
 
 from ..log import get_logger
 from .citations import INILORA
@@ -91,10 +91,8 @@ def randomized_factors(inputs: VariantInputs, targets: dict[str, torch.Tensor]) 
     the measured weights), much faster than a full SVD on large matrices; seeded by the `seed` option."""
     generator = torch.Generator(device=inputs.device).manual_seed(inputs.config.options["seed"])
     factors = {}
-    for names in shape_groups({n: tuple(w.shape) for n, w in targets.items()}, max_bytes=inputs.max_group_bytes):
-        lora_B, lora_A = randomized_svd_factors(
-            stack(targets, names, device=inputs.device), inputs.config.rank, generator=generator
-        )
+    for rank, names in inputs.rank_groups(targets):
+        lora_B, lora_A = randomized_svd_factors(stack(targets, names, device=inputs.device), rank, generator=generator)
         factors.update({n: ModuleFactors(lora_A[i].cpu(), lora_B[i].cpu()) for i, n in enumerate(names)})
     return factors
 
@@ -155,9 +153,8 @@ def inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
 
 def _inilora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     options = inputs.config.options
-    scaling = inputs.config.scaling
-    targets = {name: weight.float() / scaling for name, weight in inputs.weights.items()}
-    groups = list(shape_groups({n: tuple(w.shape) for n, w in targets.items()}, max_bytes=inputs.max_group_bytes))
+    targets = {name: weight.float() / inputs.config.scaling_for(name) for name, weight in inputs.weights.items()}
+    groups = [names for _, names in inputs.rank_groups(targets)]
 
     if options["solver"] == "svd":
         return singular_factors(inputs, smallest=False)

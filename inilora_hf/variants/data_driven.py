@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from inilora_hf.linalg.grouping import shape_groups, stack
+from inilora_hf.linalg.grouping import stack
 
 from .citations import LORA_SB
 from .inputs import VariantInputs
@@ -88,12 +88,11 @@ def lora_sb(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     missing = sorted(set(inputs.weights) - set(gradients))
     if missing:
         raise ValueError(f"lora-sb got no gradient for {missing[:3]}; the calibration pass did not reach them.")
-    rank, scaling = inputs.config.rank, inputs.config.scaling
     factors = {}
-    shapes = {name: tuple(weight.shape) for name, weight in inputs.weights.items()}
-    for names in shape_groups(shapes, max_bytes=inputs.max_group_bytes):
+    for rank, names in inputs.rank_groups(inputs.weights):
         update = -float(eta) * torch.sign(stack(gradients, names, device=inputs.device))
-        lora_B, core, lora_A = truncated_svd_factors(update, rank, scaling)
-        for i, name in enumerate(names):
-            factors[name] = ModuleFactors(lora_A[i].cpu(), lora_B[i].cpu(), {CORE_KEY: core[i].cpu()})
+        lora_B, singular, lora_A = truncated_svd_factors(update, rank, 1.0)
+        for i, name in enumerate(names):  # each module's core is Σ_r over its own scaling
+            core = singular[i] / inputs.config.scaling_for(name)
+            factors[name] = ModuleFactors(lora_A[i].cpu(), lora_B[i].cpu(), {CORE_KEY: core.cpu()})
     return factors

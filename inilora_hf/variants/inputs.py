@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from inilora_hf.linalg.grouping import shape_groups
 
 from .config import InitConfig
 
@@ -34,3 +36,20 @@ class VariantInputs:
     gradients: Mapping[str, torch.Tensor] | None = None
     max_group_bytes: int | None = None
     std_by_type: Mapping[str, float] | None = None
+
+    def rank_groups(self, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[int, list[str]]]:
+        """Yield `(rank, names)`: modules of one shape and one rank (`config.rank_for`), batched within
+        `max_group_bytes`; with a single rank the groups are exactly `shape_groups`'.
+
+        Example:
+            >>> inputs = VariantInputs({"a": torch.ones(4, 4), "b": torch.ones(4, 4)}, InitConfig("pissa", rank=2,
+            ...     target_modules=["a", "b"], rank_pattern={"b": 3}))
+            >>> list(inputs.rank_groups(inputs.weights))
+            [(2, ['a']), (3, ['b'])]
+        """
+        by_rank: dict[int, dict[str, tuple[int, ...]]] = {}
+        for name in sorted(tensors):
+            by_rank.setdefault(self.config.rank_for(name), {})[name] = tuple(tensors[name].shape)
+        for rank in sorted(by_rank):
+            for names in shape_groups(by_rank[rank], max_bytes=self.max_group_bytes):
+                yield rank, names

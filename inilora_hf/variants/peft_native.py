@@ -150,12 +150,12 @@ def harvest(inputs: VariantInputs, init_lora_weights: str, *, seeded: bool) -> d
         result = run_peft_init(
             weight,
             init_lora_weights,
-            rank=config.rank,
-            lora_alpha=cast(float, config.lora_alpha),  # InitConfig resolved None to `rank`
+            rank=config.rank_for(name),
+            lora_alpha=config.alpha_for(name),
             use_rslora=config.use_rslora,
             seed=module_seed(config.options["seed"], name) if seeded else None,
         )
-        check_peft_init(name, weight, result, spec, config.scaling)
+        check_peft_init(name, weight, result, spec, config.scaling_for(name))
         factors[name] = ModuleFactors(result.lora_A.cpu(), result.lora_B.cpu())
     return factors
 

@@ -48,10 +48,11 @@ def module_generator(seed: int, name: str) -> torch.Generator:
 
 
 def draw_factors(inputs: VariantInputs, fill: DrawFn) -> dict[str, ModuleFactors]:
-    """Allocate fp32 A `(r, in)` and B `(out, r)` per module and let `fill(name, A, B, generator)` draw them."""
-    rank = inputs.config.rank
+    """Allocate fp32 A `(r, in)` and B `(out, r)` per module (its own r) and let `fill(name, A, B, generator)` draw
+    them."""
     factors = {}
     for name in sorted(inputs.weights):
+        rank = inputs.config.rank_for(name)
         out_features, in_features = inputs.weights[name].shape
         lora_A = torch.empty(rank, in_features)
         lora_B = torch.empty(out_features, rank)
@@ -87,11 +88,10 @@ def lora(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     citation=LORA,
 )
 def gaussian(inputs: VariantInputs) -> dict[str, ModuleFactors]:
-    """PEFT's `init_lora_weights="gaussian"`: A ~ N(0, (1/r)²), B = 0."""
-    std = 1.0 / inputs.config.rank
+    """PEFT's `init_lora_weights="gaussian"`: A ~ N(0, (1/r)²) with each module's r, B = 0."""
 
     def fill(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, generator: torch.Generator) -> None:
-        nn.init.normal_(lora_A, std=std, generator=generator)
+        nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0], generator=generator)
         lora_B.zero_()
 
     return draw_factors(inputs, fill)

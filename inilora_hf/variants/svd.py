@@ -4,7 +4,7 @@ between B and A; the base weight becomes the residual W0 − s·B·A. Both are t
 from __future__ import annotations
 
 from inilora_hf.linalg.fit import svd_factors
-from inilora_hf.linalg.grouping import shape_groups, stack
+from inilora_hf.linalg.grouping import stack
 
 from .citations import MILORA, PISSA
 from .inputs import VariantInputs
@@ -12,12 +12,13 @@ from .registry import ModuleFactors, register_variant
 
 
 def singular_factors(inputs: VariantInputs, *, smallest: bool) -> dict[str, ModuleFactors]:
-    """Balanced SVD factors of every `W0 / s` (top-r, or bottom-r with `smallest=True`), batched by shape."""
-    scaling = inputs.config.scaling
-    targets = {name: weight.float() / scaling for name, weight in inputs.weights.items()}
+    """Balanced SVD factors of every `W0 / s` (top-r, or bottom-r with `smallest=True`; each module's own r and s),
+    batched by shape and rank."""
+    config = inputs.config
+    targets = {name: weight.float() / config.scaling_for(name) for name, weight in inputs.weights.items()}
     factors = {}
-    for names in shape_groups({n: tuple(w.shape) for n, w in targets.items()}, max_bytes=inputs.max_group_bytes):
-        lora_B, lora_A = svd_factors(stack(targets, names, device=inputs.device), inputs.config.rank, smallest=smallest)
+    for rank, names in inputs.rank_groups(targets):
+        lora_B, lora_A = svd_factors(stack(targets, names, device=inputs.device), rank, smallest=smallest)
         factors.update({n: ModuleFactors(lora_A[i].cpu(), lora_B[i].cpu()) for i, n in enumerate(names)})
     return factors
 
