@@ -29,8 +29,8 @@ def get_logger(name: str) -> logging.Logger:
     """A logger under the `inilora_hf` root (call with `__name__`).
 
     Example:
-        >>> get_logger("inilora_hf.cache").name
-        'inilora_hf.cache'
+        >>> get_logger("inilora_hf.factorsets.cache").name
+        'inilora_hf.factorsets.cache'
     """
     _configure_root()
     return logging.getLogger(name)

@@ -92,7 +92,7 @@ def attach_core(layer: LoraLayer, adapter_name: str, core: torch.Tensor) -> nn.L
     """Turn `adapter_name` of a PEFT LoRA layer into LoRA-XS: add the trainable core `R` (a copy of `core`),
     freeze its `lora_A` / `lora_B`, and route forward and merge through `B·R·A`.
 
-    Call after `lora_A` / `lora_B` hold their final values (`inilora_hf.apply` does). Returns the core module.
+    Call after `lora_A` / `lora_B` hold their final values (`inilora_hf.adapters.apply` does). Returns the core module.
 
     Example:
         >>> peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))      # doctest: +SKIP

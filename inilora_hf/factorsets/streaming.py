@@ -282,7 +282,7 @@ def compute_streamed(
 
     Example:
         >>> from inilora_hf import InitConfig
-        >>> from inilora_hf.streaming import compute_streamed
+        >>> from inilora_hf.factorsets.streaming import compute_streamed
         >>> fs = compute_streamed("meta-llama/Llama-2-70b-hf", InitConfig("pissa", rank=16),
         ...                       "factors/llama-70b-pissa-r16", max_memory="8GB")      # doctest: +SKIP
         >>> fs.config.variant, len(fs.factors)                                            # doctest: +SKIP

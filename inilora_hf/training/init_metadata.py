@@ -10,7 +10,7 @@ so every adapter directory this package writes gets, next to PEFT's files:
 
 `attach_init_metadata(peft_model)` makes the model write both on every `save_pretrained` call, which covers
 each `Trainer` / `SFTTrainer` `checkpoint-N` folder and `trainer.save_model()`. `load_trained(dir)`
-(`training.trained_model`) loads the original base, rebuilds `R` with `inilora_hf.apply` exactly as at training
+(`training.trained_model`) loads the original base, rebuilds `R` with `inilora_hf.adapters.apply` exactly as at training
 start, and loads the trained factors.
 
 Such a directory looks like a plain PEFT adapter, but for a residual (or LoRA-XS) variant it is not one: on the

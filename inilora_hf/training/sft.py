@@ -26,7 +26,7 @@ class SFTTrainer(trl.SFTTrainer):
 
     A data-driven init (`variant="lora-sb"`) given no `calibration_data` uses this trainer's own train
     dataset as TRL prepares it, its data collator and per-device batch size, and (unless `eta=` was given)
-    the learning rate of the first optimizer step under `args` (see `inilora_hf.calibration`): the trainer is
+    the learning rate of the first optimizer step under `args` (see `inilora_hf.training.calibration`): the trainer is
     built around the plain base model first, and the PEFT model replaces it once the data is ready.
 
     Example:

@@ -2,7 +2,7 @@
 
 The checkpoint's `inilora_init.json` and `inilora_init/` (see `training.init_metadata`) name the original base
 model and hold the initial factors; `load_trained` loads that base, rebuilds the training start exactly with
-`inilora_hf.apply` (A0/B0, and `R = W0 − s·B0·A0` for residual variants) and loads the trained factors over it.
+`inilora_hf.adapters.apply` (A0/B0, and `R = W0 − s·B0·A0` for residual variants) and loads the trained factors over it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def load_trained(
     """Rebuild a trained model from an adapter / Trainer checkpoint directory written by inilora_hf.
 
     Loads the original base model, checks its target weights against the factor set's fingerprints,
-    rebuilds the training start exactly (`inilora_hf.apply`: A0/B0 and `R = W0 − s·B0·A0` for residual
+    rebuilds the training start exactly (`inilora_hf.adapters.apply`: A0/B0 and `R = W0 − s·B0·A0` for residual
     variants) and loads the trained LoRA weights over it.
 
     Args:

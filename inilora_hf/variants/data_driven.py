@@ -7,7 +7,7 @@ calibration samples) and start training from its best rank-r approximation in th
 left untouched (the model starts at W0 + trunc_r(ΔW), i.e. after an approximate first step).
 
 CNTLoRA (arXiv 2507.08044) is not here: only its abstract is available, which does not give the closed form.
-The activation statistics such a method needs are in `inilora_hf.calibration.input_covariances`.
+The activation statistics such a method needs are in `inilora_hf.training.calibration.input_covariances`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .citations import LORA_SB
 from .inputs import VariantInputs
 from .registry import ModuleFactors, register_variant, require
 
-# The key of the LoRA-XS core in `ModuleFactors.extra`; `inilora_hf.loraxs.CORE_KEY` (not imported: that
+# The key of the LoRA-XS core in `ModuleFactors.extra`; `inilora_hf.adapters.loraxs.CORE_KEY` (not imported: that
 # module imports PEFT, which a variant must not need).
 CORE_KEY = "lora_core"
 
