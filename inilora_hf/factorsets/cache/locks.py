@@ -1,12 +1,4 @@
-"""Inter-process locks whose lock files do not pile up.
-
-Example:
-    >>> import tempfile
-    >>> lock_file = Path(tempfile.mkdtemp()) / "work.lock"
-    >>> with exclusive_lock(lock_file):
-    ...     lock_file.exists()
-    True
-"""
+"""Inter-process locks whose lock files do not pile up (`exclusive_lock`, with an example)."""
 
 from __future__ import annotations
 

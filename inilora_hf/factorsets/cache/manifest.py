@@ -1,14 +1,6 @@
 """Entry manifests: :data:`MANIFEST_NAME` lists the size and sha256 of every file of a directory, so that
 truncation and bit flips are caught on every read (:func:`verify_manifest`), and its presence marks the
-directory as complete (:func:`write_manifest` writes it last, durably).
-
-Example:
-    >>> import tempfile
-    >>> d = Path(tempfile.mkdtemp())
-    >>> _ = (d / "a.txt").write_text("hi")
-    >>> sorted(write_manifest(d)["files"])
-    ['a.txt']
-    >>> verify_manifest(d)
+directory as complete (:func:`write_manifest` writes it last, durably; its docstring has an example).
 """
 
 from __future__ import annotations
