@@ -15,7 +15,7 @@ from inilora_hf.factorsets.factor_set import FactorSet
 from inilora_hf.factorsets.format import RESIDUAL_KEY
 from inilora_hf.factorsets.lora_config import lora_config_for
 from inilora_hf.factorsets.report import InitReport, ModuleReport
-from inilora_hf.factorsets.targets import read_weight
+from inilora_hf.factorsets.targets import read_weight, to_layout
 from inilora_hf.linalg.bnb import bnb_bits, store_quantized
 from inilora_hf.log import get_logger
 from inilora_hf.variants import get_variant
@@ -126,7 +126,7 @@ def _apply_module(
     expected = factor_set.config.scaling_for(name)
     if abs(scaling - expected) > 1e-12 * max(1.0, scaling):
         raise ValueError(f"LoRA scaling of {name!r} is {scaling}, but the factor set was computed for {expected}.")
-    base = cast(nn.Linear, layer.get_base_layer())  # targets are Linear layers (bitsandbytes' included)
+    base = cast(nn.Linear, layer.get_base_layer())  # a Linear (bitsandbytes' included) or a Conv1D, stored in × out
     lora_A = adapter_linear(layer, "lora_A", adapter_name).weight
     lora_B = adapter_linear(layer, "lora_B", adapter_name).weight
     if tuple(factors.lora_A.shape) != tuple(lora_A.shape) or tuple(factors.lora_B.shape) != tuple(lora_B.shape):
@@ -161,16 +161,20 @@ def _apply_module(
             stored_weight = read_weight(base)
             max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=stored_weight)
         else:
-            weight = read_weight(base) if bnb_bits(base) else base.weight.detach()  # W0 (in its storage dtype)
+            # W0 (in its storage dtype) as (out, in): a transposed view for Conv1D, whose R is written back in × out
+            weight = read_weight(base) if bnb_bits(base) else to_layout(base, base.weight.detach())
             if not residual:
                 max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=weight)
             elif RESIDUAL_KEY in factors.extra:
-                base.weight.data = factors.extra[RESIDUAL_KEY].to(weight.device, base.weight.dtype)
-                max_abs, rel = _reconstruction_error(weight, folded_B, fp32_A, scaling, stored=base.weight.detach())
-            else:
-                residual_weight = torch.empty_like(weight)
+                stored_residual = factors.extra[RESIDUAL_KEY].to(weight.device, base.weight.dtype)
+                base.weight.data = to_layout(base, stored_residual).contiguous()
                 max_abs, rel = _reconstruction_error(
-                    weight, folded_B, fp32_A, scaling, stored=residual_weight, write_residual=True
+                    weight, folded_B, fp32_A, scaling, stored=to_layout(base, base.weight.detach())
+                )
+            else:
+                residual_weight = torch.empty_like(base.weight)
+                max_abs, rel = _reconstruction_error(
+                    weight, folded_B, fp32_A, scaling, stored=to_layout(base, residual_weight), write_residual=True
                 )
                 base.weight.data = residual_weight
     report = ModuleReport(

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from inilora_hf.adapters.layers import adapter_linear
 from inilora_hf.adapters.loraxs import folded_lora_B, is_loraxs
-from inilora_hf.factorsets.targets import read_weight
+from inilora_hf.factorsets.targets import read_weight, to_layout
 from inilora_hf.training.init_metadata import model_dtype
 
 from .trained import require_peft
@@ -117,7 +117,7 @@ def check_keys(state: dict[str, torch.Tensor], skeleton: nn.Module) -> None:
 
 
 def _merged_weight(layer: LoraLayer, adapter: str, name: str) -> torch.Tensor:
-    """`W + s·B·A` of one LoRA layer in fp32, `(out, in)` (or `(in, out)` for `fan_in_fan_out` layers)."""
+    """`W + s·B·A` of one LoRA layer in fp32, in the base layer's layout: `(out, in)`, or `(in, out)` for Conv1D."""
     if adapter not in layer.lora_A:
         raise ValueError(f"LoRA module {name!r} has no adapter {adapter!r} (it has {sorted(layer.lora_A)}).")
     other_variant = layer.lora_variant.get(adapter) is not None and not is_loraxs(layer, adapter)
@@ -131,10 +131,9 @@ def _merged_weight(layer: LoraLayer, adapter: str, name: str) -> torch.Tensor:
     lora_A = adapter_linear(layer, "lora_A", adapter).weight.detach().float()
     lora_B = folded_lora_B(layer, adapter)  # B, or B·R for LoRA-XS
     delta = layer.scaling[adapter] * (lora_B @ lora_A.to(lora_B.device))
-    if getattr(layer, "fan_in_fan_out", False):
-        delta = delta.T
-    weight = read_weight(cast(nn.Linear, layer.get_base_layer()))  # targets are Linear layers (bitsandbytes' included)
-    return (weight + delta.to(weight.device)).cpu()
+    base = layer.get_base_layer()  # a Linear (bitsandbytes' included), or a Conv1D whose weight is stored in × out
+    weight = read_weight(base)  # (out, in)
+    return to_layout(base, weight + delta.to(weight.device)).contiguous().cpu()
 
 
 def _plain_key(

@@ -14,6 +14,7 @@ from inilora_hf.hub.transport import is_hub_id
 from inilora_hf.variants import get_variant
 
 from .format import FactorSetData
+from .targets import CONV1D_LAYOUT
 
 MAX_TABLE_ROWS = 48
 
@@ -133,6 +134,13 @@ def _usage(factor_set: FactorSetData, repo_id: str) -> str:
     local_name = PurePosixPath(str(factor_set.base_model or "base-model")).name
     base_ref = factor_set.base_model if hub_base else f"path/to/{local_name}"
     revision = f", revision={json.dumps(factor_set.base_revision)}" if hub_base and factor_set.base_revision else ""
+    conv1d = any(fingerprint.get("layout") == CONV1D_LAYOUT for fingerprint in factor_set.fingerprints.values())
+    # Conv1D layers (GPT-2) store their weight in × out: the (out, in) delta is transposed to match.
+    transpose = (
+        "\n        if type(model.get_submodule(name)).__name__ == 'Conv1D':\n            delta = delta.T"
+        if conv1d
+        else ""
+    )
     if factor_set.variant_extras:
         plain = None
     elif spec.residual:
@@ -157,7 +165,8 @@ with torch.no_grad():
         lora_A = adapter[f"base_model.model.{{name}}.lora_A.weight"].float()
         lora_B = adapter[f"base_model.model.{{name}}.lora_B.weight"].float()
         weight = model.get_submodule(name).weight
-        weight.copy_((weight.float() - scaling_of(name) * (lora_B @ lora_A)).to(weight.dtype))
+        delta = scaling_of(name) * (lora_B @ lora_A){transpose}
+        weight.copy_((weight.float() - delta).to(weight.dtype))
 
 model = PeftModel.from_pretrained(model, REPO, subfolder="init_adapter", is_trainable=True)
 """

@@ -1,8 +1,8 @@
 """Where a model's weights live: its local or Hub-cache directory, its safetensors files, and loading it.
 
-Used by the streamed computation (which reads tensors straight from the files), by the fingerprint memo
-(which identifies a checkpoint by its files' stat information), and by everything that loads a base model
-(`load_pretrained`: a missing directory, repo or revision, or an offline cache miss, raises
+Used by the streamed computation (which locates and reads target tensors straight from the files), by the
+fingerprint memo (which identifies a checkpoint by its files' stat information), and by everything that loads a
+base model (`load_pretrained`: a missing directory, repo or revision, or an offline cache miss, raises
 `BaseModelNotFoundError` naming the model and the fix).
 """
 
@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -28,6 +30,8 @@ from safetensors import safe_open
 
 from inilora_hf.errors import BaseModelNotFoundError
 from inilora_hf.hub.transport import snapshot_commit
+
+from .targets import CONV1D_LAYOUT
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -231,3 +235,58 @@ def cached_checkpoint_dir(
     cache = Path(cache_dir) if cache_dir is not None else None
     config = try_to_load_from_cache(text, "config.json", cache_dir=cache, revision=revision)
     return Path(config).parent if isinstance(config, str) else None
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one target weight is stored: a safetensors file and the tensor's key in it."""
+
+    file: Path
+    key: str
+    layout: str | None  # `CONV1D_LAYOUT`: stored in × out (a Conv1D), else out × in
+
+    def out_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The stored tensor as `(out, in)` (a transposed view for a Conv1D)."""
+        return tensor.T if self.layout == CONV1D_LAYOUT else tensor
+
+
+def locate_targets(
+    shapes: Mapping[str, tuple[int, int]],
+    files: Mapping[str, Path],
+    prefix: str,
+    layouts: Mapping[str, str | None],
+) -> dict[str, TensorLocation]:
+    """Module name → where its weight is stored: `name.weight`, else with the `base_model_prefix` removed or added."""
+    locations = {}
+    for name in shapes:
+        candidates = [f"{name}.weight"]
+        if prefix and name.startswith(f"{prefix}."):
+            candidates.append(f"{name[len(prefix) + 1 :]}.weight")
+        elif prefix:
+            candidates.append(f"{prefix}.{name}.weight")
+        key = next((key for key in candidates if key in files), None)
+        if key is None:
+            raise ValueError(
+                f"The checkpoint has no tensor for target module {name!r} (looked for {candidates}). The files do "
+                "not match the model's config, or use renamed keys; load it with `inilora_init` instead."
+            )
+        locations[name] = TensorLocation(files[key], key, layouts[name])
+    return locations
+
+
+def read_tensor(location: TensorLocation, shape: tuple[int, int]) -> torch.Tensor:
+    """Read one weight in its stored dtype and layout (the file is memory-mapped only while reading) and check its
+    `(out, in)` shape."""
+    with safe_open(str(location.file), framework="pt", device="cpu") as handle:
+        tensor = handle.get_tensor(location.key)
+    if tuple(location.out_in(tensor).shape) != tuple(shape):
+        raise ValueError(
+            f"Tensor {location.key!r} in {location.file} has shape {tuple(tensor.shape)}, but the model's config "
+            f"gives (out, in) = {tuple(shape)}. The weights and config.json of the checkpoint do not match."
+        )
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"Tensor {location.key!r} in {location.file} is {tensor.dtype} (quantized?); streamed computation needs "
+            "floating-point weights. Use `inilora_init` with the matching `quantization_config`."
+        )
+    return tensor

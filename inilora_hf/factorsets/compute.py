@@ -15,7 +15,7 @@ from inilora_hf.log import get_logger
 from inilora_hf.variants import ModuleFactors, VariantInputs, get_variant
 from inilora_hf.variants.config import InitConfig
 
-from .fingerprint import weight_fingerprint
+from .fingerprint_memo import module_fingerprint
 from .report import fit_statistics
 from .targets import find_target_linears
 
@@ -30,7 +30,7 @@ def default_device() -> torch.device:
 def model_fingerprints(model: nn.Module, config: InitConfig) -> dict[str, dict]:
     """Fingerprints of the target weights as the model holds them (its own dtype)."""
     modules = find_target_linears(model, config.target_modules)
-    return {name: weight_fingerprint(module.weight.detach()) for name, module in modules.items()}
+    return {name: module_fingerprint(module) for name, module in modules.items()}
 
 
 def compute_factor_set(
@@ -49,7 +49,7 @@ def compute_factor_set(
     Example:
         >>> cfg = InitConfig("pissa", rank=4, target_modules=["q_proj"])                  # doctest: +SKIP
         >>> linears = find_target_linears(model, cfg.target_modules)                       # doctest: +SKIP
-        >>> weights = {n: m.weight.float() for n, m in linears.items()}                   # doctest: +SKIP
+        >>> weights = {n: read_weight(m) for n, m in linears.items()}                     # doctest: +SKIP
         >>> fs = compute_factor_set(weights, cfg, fingerprints=model_fingerprints(model, cfg))  # doctest: +SKIP
     """
     spec = get_variant(config.variant)

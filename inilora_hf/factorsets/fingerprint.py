@@ -36,25 +36,38 @@ def weight_sketch(weight: torch.Tensor) -> list[float]:
     return (projected.diagonal().cpu() / norms).tolist()
 
 
-def weight_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
-    """The fingerprint recorded per target module in a factor set.
+def weight_fingerprint(weight: torch.Tensor, layout: str | None = None) -> dict[str, Any]:
+    """The fingerprint recorded per target module in a factor set, of the weight as stored (its own shape and
+    dtype). `layout` names a storage layout other than a Linear's `out × in` (`"conv1d"`: `in × out`); it is
+    recorded so that factors are never applied to a layer of the other layout (whose weight is the transpose).
 
     Example:
         >>> fp = weight_fingerprint(torch.eye(4))
-        >>> sorted(fp)
-        ['dtype', 'sha256', 'shape', 'sketch']
+        >>> sorted(fp), weight_fingerprint(torch.eye(4), layout="conv1d")["layout"]
+        (['dtype', 'sha256', 'shape', 'sketch'], 'conv1d')
     """
-    return {
+    fingerprint = {
         "shape": list(weight.shape),
         "dtype": str(weight.dtype).removeprefix("torch."),
         "sha256": tensor_sha256(weight),
         "sketch": weight_sketch(weight),
     }
+    if layout is not None:
+        fingerprint["layout"] = layout
+    return fingerprint
+
+
+def layout_name(fingerprint: dict[str, Any]) -> str:
+    """The storage layout a fingerprint records, in words."""
+    layout = fingerprint.get("layout")
+    return "a Linear (weight out × in)" if layout is None else f"a {layout} layer (weight in × out)"
 
 
 def fingerprint_difference(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
     """None when `current` describes the same weight as `recorded` (exactly, or up to dtype rounding);
     otherwise a short description of the difference for an error message."""
+    if recorded.get("layout") != current.get("layout"):
+        return f"the layout of {layout_name(current)}, but the factor set was computed for {layout_name(recorded)}"
     if list(recorded["shape"]) != list(current["shape"]):
         return f"shape {tuple(current['shape'])} but the factor set expects {tuple(recorded['shape'])}"
     if recorded["sha256"] == current["sha256"]:
@@ -70,7 +83,8 @@ def model_key(fingerprints: dict[str, dict[str, Any]]) -> str:
     """A 16-hex-digit digest of the exact target weights (the base-model half of a cache key)."""
     digest = hashlib.sha256()
     for name in sorted(fingerprints):
-        digest.update(f"{name}:{fingerprints[name]['sha256']};".encode())
+        layout = fingerprints[name].get("layout")
+        digest.update(f"{name}:{fingerprints[name]['sha256']}{'' if layout is None else ':' + layout};".encode())
     return digest.hexdigest()[:16]
 
 

@@ -33,6 +33,7 @@ from inilora_hf.log import get_logger
 from .cache import default_cache_dir
 from .checkpoint_files import cached_checkpoint_dir, checkpoint_files
 from .fingerprint import tensor_sha256, weight_fingerprint
+from .targets import layout_of
 
 logger = get_logger(__name__)
 
@@ -81,7 +82,7 @@ def spot_digest(weight: torch.Tensor) -> str:
 
 
 def target_fingerprints(
-    modules: Mapping[str, nn.Linear],
+    modules: Mapping[str, nn.Module],
     checkpoint: dict[str, Any] | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
@@ -96,23 +97,33 @@ def target_fingerprints(
         ['dtype', 'sha256', 'shape', 'sketch']
     """
     if checkpoint is None:
-        return {name: weight_fingerprint(module.weight.detach()) for name, module in modules.items()}
+        return {name: module_fingerprint(module) for name, module in modules.items()}
     path = _memo_path(checkpoint, cache_dir)
     records = _read_memo(path, checkpoint)
     fingerprints, fresh = {}, {}
     for name, module in modules.items():
-        weight = module.weight.detach()
+        weight = module.get_parameter("weight").detach()
         slot = f"{name}|{str(weight.dtype).removeprefix('torch.')}"
         record, spot = records.get(slot), spot_digest(weight)
-        if _matches(record, spot, weight):
+        if _matches(record, spot, weight) and record["fingerprint"].get("layout") == layout_of(module):
             fingerprints[name] = record["fingerprint"]
         else:
-            fingerprints[name] = weight_fingerprint(weight)
+            fingerprints[name] = module_fingerprint(module)
             fresh[slot] = {"fingerprint": fingerprints[name], "spot": spot}
     if fresh:
         _write_memo(path, checkpoint, {**records, **fresh})
     logger.debug("Fingerprints: %d remembered, %d hashed (%s).", len(modules) - len(fresh), len(fresh), path)
     return fingerprints
+
+
+def module_fingerprint(module: nn.Module) -> dict[str, Any]:
+    """`weight_fingerprint` of a target layer's weight as stored, with its layout (Conv1D's `in × out`).
+
+    Example:
+        >>> module_fingerprint(nn.Linear(4, 2))["shape"]
+        [2, 4]
+    """
+    return weight_fingerprint(module.get_parameter("weight").detach(), layout=layout_of(module))
 
 
 def _matches(record: Any, spot: str, weight: torch.Tensor) -> TypeGuard[dict[str, Any]]:

@@ -9,6 +9,7 @@ from typing import Any
 from peft import LoraConfig
 
 from .format import FactorSetData
+from .targets import CONV1D_LAYOUT
 
 
 def module_patterns(values: Mapping[str, float], default: float) -> dict[str, Any]:
@@ -29,11 +30,16 @@ def lora_config_for(factor_set: FactorSetData, **lora_kwargs: Any) -> LoraConfig
     rank and alpha as explicit full-name `rank_pattern` / `alpha_pattern` entries where they differ from the
     defaults).
 
+    `fan_in_fan_out` is True when a target is a Conv1D (GPT-2's layers, recorded in the fingerprints' `layout`),
+    as PEFT needs for weights stored `in × out`; PEFT keeps it off for the Linear targets of the same model.
+
     The factors are written afterwards, so PEFT's own init is left at its default (`init_lora_weights=True`),
     which is also what a saved adapter must declare: reloading never re-runs a weight-mutating init.
     """
     config = factor_set.config
     names = sorted(factor_set.factors)
+    conv1d = any(factor_set.fingerprints.get(name, {}).get("layout") == CONV1D_LAYOUT for name in names)
+    lora_kwargs = {"fan_in_fan_out": conv1d, **lora_kwargs}
     return LoraConfig(
         r=config.rank,
         # PEFT annotates `lora_alpha` as int but takes any positive number (InitConfig resolved None to `rank`).

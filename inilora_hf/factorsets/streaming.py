@@ -23,12 +23,10 @@ import time
 import uuid
 from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 from transformers.utils.logging import tqdm
@@ -44,11 +42,11 @@ from inilora_hf.variants.approximation import mean_by_type
 from inilora_hf.variants.config import InitConfig
 
 from .cache import exclusive_lock, resumable_dir
-from .checkpoint_files import checkpoint_files, resolve_checkpoint
+from .checkpoint_files import TensorLocation, checkpoint_files, locate_targets, read_tensor, resolve_checkpoint
 from .compute import default_device, provenance, run_variant
 from .fingerprint import cache_key, model_key, weight_fingerprint
 from .report import fit_statistics
-from .targets import check_rank, find_target_linears
+from .targets import check_rank, find_target_linears, layer_shape, layout_of
 
 logger = get_logger(__name__)
 
@@ -57,14 +55,6 @@ logger = get_logger(__name__)
 #: about 6× its stack (weights, W/s, stack, U, Vᴴ, LAPACK workspace), the IniLoRA fit at about 4×.
 WORKING_SET_FACTOR = 8
 GROUP_PREFIX = "group-"
-
-
-@dataclass(frozen=True)
-class TensorLocation:
-    """Where one target weight is stored: a safetensors file and the tensor's key in it."""
-
-    file: Path
-    key: str
 
 
 def parse_memory(value: int | str | None) -> int | None:
@@ -89,9 +79,9 @@ def parse_memory(value: int | str | None) -> int | None:
 
 def target_shapes(
     directory: Path, config: InitConfig, *, model_class: type | None = None
-) -> tuple[dict[str, tuple[int, int]], str]:
-    """Target module name → `(out, in)`, found on a weightless (meta-device) copy of the model, and the
-    model's `base_model_prefix`. Matching, Linear and rank checks are those of the in-memory path."""
+) -> tuple[dict[str, tuple[int, int]], str, dict[str, str | None]]:
+    """Target module name → `(out, in)` and → `layout_of` its layer, found on a weightless (meta-device) copy of the
+    model, and its `base_model_prefix`. Matching, Linear and rank checks are those of the in-memory path."""
     model_config = AutoConfig.from_pretrained(directory)
     if getattr(model_config, "quantization_config", None) is not None:
         raise ValueError(
@@ -103,52 +93,15 @@ def target_shapes(
         skeleton = model_factory.from_config(model_config)
     modules = find_target_linears(skeleton, config.target_modules, allow_meta=True)
     check_rank(modules, config)
-    shapes = {name: (module.out_features, module.in_features) for name, module in modules.items()}
-    return shapes, getattr(skeleton, "base_model_prefix", "") or ""
-
-
-def locate_targets(
-    shapes: Mapping[str, tuple[int, int]], files: Mapping[str, Path], prefix: str
-) -> dict[str, TensorLocation]:
-    """Module name → where its weight is stored: `name.weight`, else with the `base_model_prefix` removed or added."""
-    locations = {}
-    for name in shapes:
-        candidates = [f"{name}.weight"]
-        if prefix and name.startswith(f"{prefix}."):
-            candidates.append(f"{name[len(prefix) + 1 :]}.weight")
-        elif prefix:
-            candidates.append(f"{prefix}.{name}.weight")
-        key = next((key for key in candidates if key in files), None)
-        if key is None:
-            raise ValueError(
-                f"The checkpoint has no tensor for target module {name!r} (looked for {candidates}). The files do "
-                "not match the model's config, or use renamed keys; load it with `inilora_init` instead."
-            )
-        locations[name] = TensorLocation(files[key], key)
-    return locations
-
-
-def read_tensor(location: TensorLocation, shape: tuple[int, int]) -> torch.Tensor:
-    """Read one weight in its stored dtype (the file is memory-mapped only while reading) and check its shape."""
-    with safe_open(str(location.file), framework="pt", device="cpu") as handle:
-        tensor = handle.get_tensor(location.key)
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(
-            f"Tensor {location.key!r} in {location.file} has shape {tuple(tensor.shape)}, but the model's config "
-            f"gives a Linear of {tuple(shape)}. The weights and config.json of the checkpoint do not match."
-        )
-    if not tensor.is_floating_point():
-        raise ValueError(
-            f"Tensor {location.key!r} in {location.file} is {tensor.dtype} (quantized?); streamed computation needs "
-            "floating-point weights. Use `inilora_init` with the matching `quantization_config`."
-        )
-    return tensor
+    shapes = {name: layer_shape(module) for name, module in modules.items()}
+    layouts = {name: layout_of(module) for name, module in modules.items()}
+    return shapes, getattr(skeleton, "base_model_prefix", "") or "", layouts
 
 
 def _read_group(
     names: list[str], locations: Mapping[str, TensorLocation], shapes: Mapping[str, tuple[int, int]]
 ) -> dict[str, torch.Tensor]:
-    return {name: read_tensor(locations[name], shapes[name]).float() for name in names}
+    return {name: locations[name].out_in(read_tensor(locations[name], shapes[name]).float()) for name in names}
 
 
 def _load_group(directory: Path, key: str, names: list[str]) -> FactorSet | None:
@@ -306,15 +259,15 @@ def compute_streamed(
     started = time.perf_counter()
 
     directory, base_revision = resolve_checkpoint(base, revision=revision, token=token)
-    shapes, prefix = target_shapes(directory, config, model_class=model_class)
-    locations = locate_targets(shapes, checkpoint_files(directory), prefix)
+    shapes, prefix, layouts = target_shapes(directory, config, model_class=model_class)
+    locations = locate_targets(shapes, checkpoint_files(directory), prefix, layouts)
 
     fingerprints: dict[str, dict] = {}
     stds: dict[str, float] = {}
     with tqdm(total=len(shapes), desc="Fingerprinting target weights", unit="matrix") as progress:
         for name in shapes:  # model order, as the in-memory path pools σ̄
             weight = read_tensor(locations[name], shapes[name])
-            fingerprints[name] = weight_fingerprint(weight)
+            fingerprints[name] = weight_fingerprint(weight, layout=locations[name].layout)
             stds[name] = (weight.float() / config.scaling_for(name)).std().item()
             del weight
             progress.update(1)

@@ -20,7 +20,7 @@ from inilora_hf.factorsets.compute import compute_factor_set, default_device
 from inilora_hf.factorsets.factor_set import FactorSet
 from inilora_hf.factorsets.fingerprint import cache_key, model_key, weight_fingerprint
 from inilora_hf.factorsets.fingerprint_memo import target_fingerprints
-from inilora_hf.factorsets.targets import check_rank, find_target_linears, read_weight
+from inilora_hf.factorsets.targets import check_rank, default_target_modules, find_target_linears, read_weight
 from inilora_hf.log import get_logger
 from inilora_hf.variants import get_variant
 from inilora_hf.variants.config import InitConfig
@@ -45,6 +45,8 @@ class FactorOptions:
         cache_dir: Local factor-set cache (None: the default one).
         refine_steps: Quantized bases only: LoftQ-style refinement rounds.
         adapter_dtype: Quantized bases only: the dtype the LoRA factors train in.
+        default_targets: `target_modules` was not given: a computed factor set targets PEFT's default modules for
+            the base's model type (`default_target_modules`).
 
     Example:
         >>> FactorOptions(use_cache=False, device="cpu").strict
@@ -59,6 +61,7 @@ class FactorOptions:
     cache_dir: str | os.PathLike | None = None
     refine_steps: int = 0
     adapter_dtype: str = "bfloat16"
+    default_targets: bool = False
 
 
 class InitFunction:
@@ -195,6 +198,8 @@ class InitFunction:
     def _resolve(self, base: nn.Module, checkpoint: dict[str, Any] | None) -> None:
         if self._verified:
             return
+        if self._options.default_targets and self.factor_set is None and self._factors_source is None:
+            self.config = replace(self.config, target_modules=default_target_modules(base))
         weights, fingerprints = self._reference_weights(base, checkpoint)
         if self.factor_set is None and self._factors_source is not None:
             self.factor_set = FactorSet.from_pretrained(self._factors_source)

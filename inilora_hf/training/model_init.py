@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from inilora_hf.errors import TargetModuleError
 from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.targets import FALLBACK_TARGETS, MOE_UNSUPPORTED
 from inilora_hf.variants import get_variant
 from inilora_hf.variants.config import InitConfig, normalize_targets
 
@@ -65,7 +67,9 @@ def inilora_init(
         rank: LoRA rank (default 8). With `factors=`, defaults to the factor set's.
         lora_alpha: LoRA alpha (default: `rank`, i.e. scaling 1 as in the IniLoRA recipes).
         use_rslora: Rank-stabilised scaling.
-        target_modules: Module names/suffixes, a regex string, or `"all-linear"` (default `["q_proj", "v_proj"]`).
+        target_modules: Module names/suffixes, a regex string, or `"all-linear"` (Linear and Conv1D layers). Default:
+            PEFT's own default for the model type (`c_attn` for GPT-2, `query_key_value` for GPT-NeoX/Falcon,
+            `q`/`v` for T5, ...), or `["q_proj", "v_proj"]` where PEFT has none.
         rank_pattern: Per-module ranks, exactly as `peft.LoraConfig.rank_pattern` (a module-name suffix or regular
             expression → rank, e.g. `{"q_proj": 16}`); any variant. Stored in the factor set and its cache key.
         alpha_pattern: Per-module alphas, exactly as `peft.LoraConfig.alpha_pattern`.
@@ -106,6 +110,8 @@ def inilora_init(
         `.init_report`.
 
     Raises:
+        TargetModuleError: `target_modules` matches no module, or a module that is not a Linear or Conv1D (e.g. the
+            3-D expert weights of a mixture of experts); or `lora_config_kwargs` sets `target_parameters`.
         BaseModelNotFoundError: `model` is written as a path (`./x`, `/x`, `~/x`, `a/b/c`) but is no directory;
             a Hub id that does not exist, or is not cached while offline, raises it on the first call.
 
@@ -145,7 +151,7 @@ def inilora_init(
         rank=8 if rank is None else rank,
         lora_alpha=lora_alpha,
         use_rslora=bool(use_rslora),
-        target_modules=("q_proj", "v_proj") if targets is None else targets,
+        target_modules=FALLBACK_TARGETS if targets is None else targets,
         options=options,
         rank_pattern=rank_pattern or {},
         alpha_pattern=alpha_pattern or {},
@@ -164,6 +170,7 @@ def inilora_init(
             cache_dir=cache_dir,
             refine_steps=refine_steps,
             adapter_dtype=adapter_dtype,
+            default_targets=targets is None and factors is None,
         ),
         calibration=CalibrationSource(calibration_data, calibration_samples, calibration_batch_size),
         lora_kwargs={"lora_dropout": lora_dropout, **(lora_config_kwargs or {})},
@@ -173,6 +180,14 @@ def inilora_init(
             "`calibration_data` has no effect with "
             f"{'`factors=`' if factors is not None else f'variant {config.variant!r}'}: "
             "only data-driven variants (e.g. 'lora-sb') computed here use it. Drop it."
+        )
+    target_parameters = (lora_config_kwargs or {}).get("target_parameters")
+    if target_parameters:
+        raise TargetModuleError(
+            f"`lora_config_kwargs` sets target_parameters={target_parameters!r}: PEFT adapts "
+            f"parameters such as the 3-D expert weights of a mixture of experts through them, {MOE_UNSUPPORTED}. Drop "
+            "it and target Linear layers with `target_modules` (e.g. the attention projections, or 'all-linear', "
+            "which leaves the experts out)."
         )
     derived = sorted(set(lora_config_kwargs or {}) & _FACTOR_SET_LORA_FIELDS)
     if derived:

@@ -23,6 +23,8 @@ CALIBRATION_OPTION = "calibration"
 """`InitConfig.options` key holding the identity of the calibration samples (part of the cache key)."""
 
 Batch = dict[str, Any]
+#: The main model input of a sample (tokens, images, audio features) and its dimensions per sample.
+INPUT_DIMS = {"input_ids": 1, "pixel_values": 3, "input_features": 2}
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def calibration_set(
         pad_token_id: Padding id for the default collator.
 
     Raises:
-        ValueError: `data` is empty, yields something that is not a dict with `input_ids`, or holds fewer
+        ValueError: `data` is empty, yields something that is not a dict with `input_ids` (or a batch with
+            `pixel_values` / `input_features`), or holds fewer
             than an explicitly requested `samples`.
 
     Example:
@@ -112,10 +115,11 @@ def calibration_set(
     taken = 0
     pending: list[Any] = []
     for item in _iterate(data):
-        if not isinstance(item, Mapping) or "input_ids" not in item:
+        if not isinstance(item, Mapping) or input_key(item) is None:
             raise ValueError(
-                f"Calibration data must yield dicts with `input_ids` (rows or batches), got {type(item).__name__}. "
-                "Tokenize the dataset first, or pass a DataLoader whose batches are model inputs."
+                f"Calibration data must yield dicts with `input_ids` (rows or batches), or batches with "
+                f"`pixel_values` / `input_features`, got {type(item).__name__}. Tokenize the dataset first, or pass "
+                "a DataLoader whose batches are model inputs."
             )
         if _is_batch(item):
             if pending:
@@ -124,6 +128,11 @@ def calibration_set(
             batches.append(truncate_batch(dict(item), count) if count < batch_length(item) else dict(item))
             counts.append(count)
             taken += count
+        elif input_key(item) != "input_ids" and collate_fn is None:
+            raise ValueError(
+                f"Calibration rows with `{input_key(item)}` need batching: pass a DataLoader (or a list of batches) "
+                "whose batches are model inputs with `labels`."
+            )
         else:
             pending.append(item)
             if len(pending) == min(size, limit - taken):
@@ -184,9 +193,19 @@ def pad_collate(rows: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0) -> 
     return batch
 
 
+def input_key(item: Mapping[str, Any]) -> str | None:
+    """The main model input of a row or batch: `input_ids`, `pixel_values` or `input_features` (None if none).
+
+    Example:
+        >>> input_key({"pixel_values": torch.zeros(2, 3, 8, 8), "labels": torch.tensor([0, 1])})
+        'pixel_values'
+    """
+    return next((key for key in INPUT_DIMS if key in item), None)
+
+
 def batch_length(batch: Mapping[str, Any]) -> int:
-    """Number of samples in a batch (the first dimension of its `input_ids`)."""
-    ids = batch["input_ids"]
+    """Number of samples in a batch (the first dimension of its `input_ids`, `pixel_values` or `input_features`)."""
+    ids = batch[input_key(batch) or "input_ids"]
     return int(ids.shape[0]) if torch.is_tensor(ids) else len(ids)
 
 
@@ -242,8 +261,8 @@ def _iterate(data: Any) -> Iterator[Any]:
 
 
 def _is_batch(item: Mapping[str, Any]) -> bool:
-    ids = item["input_ids"]
-    return torch.is_tensor(ids) and ids.ndim == 2
+    key = input_key(item) or "input_ids"
+    return torch.is_tensor(item[key]) and item[key].ndim == INPUT_DIMS[key] + 1
 
 
 def _as_list(value: Any) -> list:

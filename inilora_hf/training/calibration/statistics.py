@@ -15,6 +15,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from inilora_hf.factorsets.targets import to_layout
+
 from .data import Batch, batch_length
 
 
@@ -39,7 +41,8 @@ def estimate_gradients(
     restored; parameters are never modified.
 
     Returns:
-        Module name → fp32 `(out, in)` gradient sum on the CPU.
+        Module name → fp32 `(out, in)` gradient sum on the CPU (transposed for Conv1D layers, which store
+        their weight `in × out`).
 
     Example:
         >>> cal = calibration_set(rows, samples=16)                                              # doctest: +SKIP
@@ -100,7 +103,8 @@ def estimate_gradients(
         for name, weight in weights.items():
             weight.grad = saved_grads[name]
         model.train(was_training)
-    return sums
+    # A Conv1D stores its weight (and so its gradient) in × out: return every gradient as (out, in), like W0.
+    return {name: to_layout(model.get_submodule(name), total) for name, total in sums.items()}
 
 
 def input_covariances(
