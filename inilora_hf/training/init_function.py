@@ -198,12 +198,15 @@ class InitFunction:
     def _resolve(self, base: nn.Module, checkpoint: dict[str, Any] | None) -> None:
         if self._verified:
             return
-        if self._options.default_targets and self.factor_set is None and self._factors_source is None:
-            self.config = replace(self.config, target_modules=default_target_modules(base))
-        weights, fingerprints = self._reference_weights(base, checkpoint)
         if self.factor_set is None and self._factors_source is not None:
             self.factor_set = FactorSet.from_pretrained(self._factors_source)
             self.factor_source = str(self._factors_source)
+        if self.factor_set is not None and "target_modules" not in self._options.requested:
+            # A given factor set names its targets (a directory or repo id was not read when inilora_init ran).
+            self.config = replace(self.config, target_modules=self.factor_set.config.target_modules)
+        elif self._options.default_targets:
+            self.config = replace(self.config, target_modules=default_target_modules(base))
+        weights, fingerprints = self._reference_weights(base, checkpoint)
         if self.factor_set is None:
             self.factor_set, self.factor_source = self._compute_or_load_cached(weights, fingerprints, base)
         else:
