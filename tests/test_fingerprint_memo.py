@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,9 +35,9 @@ def _hashed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     calls: list[tuple[int, ...]] = []
     original = fingerprint_memo.weight_fingerprint
 
-    def counting(weight: torch.Tensor) -> dict:
+    def counting(weight: torch.Tensor, **kwargs: Any) -> dict:
         calls.append(tuple(weight.shape))
-        return original(weight)
+        return original(weight, **kwargs)
 
     monkeypatch.setattr(fingerprint_memo, "weight_fingerprint", counting)
     return calls
