@@ -18,12 +18,13 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from inilora_hf import InitConfig, inilora_init
+from inilora_hf import InitConfig, convert, inilora_init
 from inilora_hf.cli.app import main
 from inilora_hf.cli.demo import char_tokenizer, demo_dataset
 from inilora_hf.errors import FactorSetMismatchError
 from inilora_hf.factorsets.publish import push_factor_set
 from inilora_hf.factorsets.streaming import compute_streamed
+from tests import helpers
 from tests.helpers import fp32_gamma
 
 # c_attn 192×64; attn.c_proj 64×64 is square, so a transposed weight would fit its shape too
@@ -85,7 +86,9 @@ def test_factor_set_records_the_layout_and_is_never_applied_transposed(gpt2_dir:
     # strict=False: the factors are layout-free ((out, in) view), so the residual is written right for a Linear too.
     model = inilora_init(linear, factors=factor_set, strict=False)().eval()
     assert relative_difference(logits_of(model), logits_of(base)) <= TOLERANCE
-    assert model.peft_config["default"].fan_in_fan_out is False  # the recorded layout asks for it; PEFT turns it off for Linear
+    assert (
+        model.peft_config["default"].fan_in_fan_out is False
+    )  # the recorded layout asks for it; PEFT turns it off for Linear
 
 
 def test_streamed_computation_reads_conv1d_weights_in_their_layout(gpt2_dir: Path, tmp_path: Path) -> None:
@@ -115,6 +118,26 @@ def test_init_adapter_and_card_snippet_load_gpt2_with_plain_peft(hub, gpt2_dir: 
     plain = namespace["model"].eval()
     assert plain.peft_config["default"].fan_in_fan_out is True
     assert relative_difference(logits_of(plain), expected) <= TOLERANCE
+
+
+def test_lora_sb_on_gpt2_trains_and_both_exports_reload_without_inilora(gpt2_dir: Path, tmp_path: Path) -> None:
+    # The LoRA-XS core on fan_in_fan_out layers: the folded B·R of `to_merged` and the rank-2r `to_lora` stacking.
+    rows = [
+        {"input_ids": torch.randint(4, 128, (12,), generator=torch.Generator().manual_seed(i)).tolist()}
+        for i in range(4)
+    ]
+    init = inilora_init(gpt2_dir, variant="lora-sb", rank=4, target_modules=TARGETS, eta=1e-2, calibration_data=rows)
+    model = init()
+    helpers.train_a_few_steps(model)
+    trained = logits_of(model)
+    convert.to_merged(model, tmp_path / "merged")
+    convert.to_lora(model, tmp_path / "lora")
+    result = helpers.reload_exports_without_inilora(
+        gpt2_dir, tmp_path / "merged", tmp_path / "lora", INPUT_IDS, trained, tmp_path
+    )
+    scale = float(trained.abs().max())
+    assert max(result["merged"], result["lora"], result["auto_lora"]) <= TOLERANCE * scale, result
+    assert result["r"] == 4 and result["inilora_hf_imported"] is False  # W0 untouched: B·R folded, rank r
 
 
 @pytest.mark.parametrize("bits", [4, 8])
