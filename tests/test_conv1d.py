@@ -91,7 +91,7 @@ def test_factor_set_records_the_layout_and_is_never_applied_transposed(gpt2_dir:
     )  # the recorded layout asks for it; PEFT turns it off for Linear
 
 
-def test_streamed_computation_reads_conv1d_weights_in_their_layout(gpt2_dir: Path, tmp_path: Path) -> None:
+def test_streamed_computation_reads_conv1d_weights_in_their_layout(gpt2_dir: Path, tmp_path: Path, capsys) -> None:
     config = InitConfig("pissa", rank=4, target_modules=tuple(TARGETS))
     streamed = compute_streamed(gpt2_dir, config, tmp_path / "streamed", device="cpu")
     in_memory = inilora_init(gpt2_dir, variant="pissa", rank=4, target_modules=TARGETS, use_cache=False).prepare()
@@ -99,6 +99,8 @@ def test_streamed_computation_reads_conv1d_weights_in_their_layout(gpt2_dir: Pat
     for name, factors in in_memory.factors.items():
         assert torch.equal(streamed.factors[name].lora_A, factors.lora_A), name
         assert torch.equal(streamed.factors[name].lora_B, factors.lora_B), name
+    assert main(["inspect", str(tmp_path / "streamed")]) == 0
+    assert re.search(r"transformer\.h\.0\.attn\.c_attn\s+192x64\s", capsys.readouterr().out), "shown (out, in)"
     model = inilora_init(gpt2_dir, factors=tmp_path / "streamed")().eval()
     base = AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
     assert relative_difference(logits_of(model), logits_of(base)) <= TOLERANCE

@@ -19,6 +19,7 @@ from inilora_hf.convert.export import load_checkpoint, to_lora, to_merged
 # `streaming.compute_streamed` is looked up at call time (tests substitute it).
 from inilora_hf.factorsets import streaming
 from inilora_hf.factorsets.factor_set import FactorSet
+from inilora_hf.factorsets.fingerprint import out_in_shape
 from inilora_hf.factorsets.publish import download_factor_set
 from inilora_hf.factorsets.report import NO_STATISTIC, fit_table
 from inilora_hf.variants.config import InitConfig
@@ -92,7 +93,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key, value in sorted(factor_set.info.items()):
         if key != "versions":
             print(f"{key}: {value}")
-    shapes = {name: factor_set.fingerprints[name]["shape"] for name in factor_set.factors}
+    shapes = {name: out_in_shape(factor_set.fingerprints[name]) for name in factor_set.factors}
     print("\n" + fit_table(factor_set.stats, shapes))
     if not factor_set.stats:
         print(f"{NO_STATISTIC}: {config.variant} does not fit s·B·A to W0, so there is no fit error to show.")

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from inilora_hf.hub.transport import is_hub_id
 from inilora_hf.variants import get_variant
 
+from .fingerprint import out_in_shape
 from .format import FactorSetData
 from .targets import CONV1D_LAYOUT
 
@@ -295,7 +296,7 @@ def _statistics(factor_set: FactorSetData) -> str:
     lines += ["| module | shape | mse | optimal_mse | ratio |", "|---|---|---:|---:|---:|"]
     for name in names[:MAX_TABLE_ROWS]:
         row = stats[name]
-        shape = "×".join(map(str, factor_set.fingerprints.get(name, {}).get("shape", [])))
+        shape = "×".join(map(str, out_in_shape(factor_set.fingerprints.get(name, {}))))
         lines.append(
             f"| `{name}` | {shape} | {_number(row.get('mse'))} | {_number(row.get('optimal_mse'))} | "
             f"{_number(row.get('mse_ratio'))} |"

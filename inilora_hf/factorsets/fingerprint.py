@@ -57,6 +57,17 @@ def weight_fingerprint(weight: torch.Tensor, layout: str | None = None) -> dict[
     return fingerprint
 
 
+def out_in_shape(fingerprint: dict[str, Any]) -> list[int]:
+    """The recorded weight's `(out, in)` shape (a Conv1D's is stored reversed), as fit tables show it.
+
+    Example:
+        >>> out_in_shape(weight_fingerprint(torch.zeros(4, 6), layout="conv1d"))
+        [6, 4]
+    """
+    shape = list(fingerprint.get("shape", []))
+    return shape[::-1] if fingerprint.get("layout") is not None else shape
+
+
 def layout_name(fingerprint: dict[str, Any]) -> str:
     """The storage layout a fingerprint records, in words."""
     layout = fingerprint.get("layout")
