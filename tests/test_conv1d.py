@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from inilora_hf import InitConfig, convert, inilora_init
+from inilora_hf import InitConfig, convert, inilora_init, load_trained
 from inilora_hf.cli.app import main
 from inilora_hf.cli.demo import char_tokenizer, demo_dataset
 from inilora_hf.errors import FactorSetMismatchError
@@ -140,6 +140,14 @@ def test_lora_sb_on_gpt2_trains_and_both_exports_reload_without_inilora(gpt2_dir
     scale = float(trained.abs().max())
     assert max(result["merged"], result["lora"], result["auto_lora"]) <= TOLERANCE * scale, result
     assert result["r"] == 4 and result["inilora_hf_imported"] is False  # W0 untouched: B·R folded, rank r
+
+
+def test_a_saved_gpt2_checkpoint_is_rebuilt_exactly(gpt2_dir: Path, tmp_path: Path) -> None:
+    model = inilora_init(gpt2_dir, variant="pissa", rank=4)()  # PEFT's default target for GPT-2: c_attn
+    helpers.train_a_few_steps(model)
+    model.save_pretrained(tmp_path / "checkpoint")
+    rebuilt = load_trained(tmp_path / "checkpoint")
+    assert torch.equal(logits_of(rebuilt), logits_of(model))  # the same fp32 operations on the same weights
 
 
 @pytest.mark.parametrize("bits", [4, 8])
