@@ -246,10 +246,10 @@ def render_table(families: tuple[Family, ...] = FAMILIES) -> str:
         default = family.default_targets()
         targets = f"`{default}`" if isinstance(default, str) else ", ".join(f"`{t}`" for t in default)
         if family.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-            targets = f"{targets} (PEFT has none)" if family.targets is None else "none: PEFT has none"
+            targets = f"{targets} (PEFT has none)" if family.targets is None else "none (PEFT has none): pass them"
         if family.targets is not None:
             targets += "; tested with " + ", ".join(f"`{t}`" for t in family.targets)
-        variants = f"`{family.residual_variant}`, `lora-sb`, `all-linear`"
+        variants = f"`{family.residual_variant}` (default targets and `all-linear`), `lora-sb`"
         status = "tested" + (f": {family.note}" if family.note else "")
         rows.append(f"| {family.name} | `{family.model_class().__name__}` | {targets} | {variants} | {status} |")
     return "\n".join(rows) + "\n"

@@ -135,6 +135,27 @@ def train_two_steps(family: Family, init: Any, output_dir: Path) -> torch.nn.Mod
     return trainer.model.eval()
 
 
+def export_and_reload(
+    family: Family, trained: torch.nn.Module, inputs: dict, tmp_path: Path, reloader: ReloadWorker
+) -> dict[str, Any]:
+    """`to_merged` and `to_lora` of `trained` (on the base in `tmp_path / "base"`), reloaded by the worker: the max
+    |Δlogits| of each against `trained`'s own logits, and the adapter's `task_type` and `fan_in_fan_out`."""
+    convert.to_merged(trained, tmp_path / "merged")
+    convert.to_lora(trained, tmp_path / "lora")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    torch.save(logits_of(trained, inputs), tmp_path / "logits.pt")
+    return reloader.reload(
+        {
+            "auto_class": family.auto_class,
+            "base": str(tmp_path / "base"),
+            "merged": str(tmp_path / "merged"),
+            "lora": str(tmp_path / "lora"),
+            "inputs": str(tmp_path / "inputs.pt"),
+            "logits": str(tmp_path / "logits.pt"),
+        }
+    )
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=[family.model_type for family in FAMILIES])
 def test_family_initialises_trains_and_exports(family: Family, tmp_path: Path, reloader: ReloadWorker) -> None:
     torch.manual_seed(0)
@@ -182,25 +203,39 @@ def test_family_initialises_trains_and_exports(family: Family, tmp_path: Path, r
     trained = train_two_steps(family, init, tmp_path / "run")
     trained_logits = logits_of(trained, inputs)
     assert relative_difference(trained_logits, base_logits) > 100 * TOLERANCE, "training must move the outputs"
-    convert.to_merged(trained, tmp_path / "merged")
-    convert.to_lora(trained, tmp_path / "lora")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    torch.save(trained_logits, tmp_path / "logits.pt")
-    result = reloader.reload(
-        {
-            "auto_class": family.auto_class,
-            "base": str(tmp_path / "base"),
-            "merged": str(tmp_path / "merged"),
-            "lora": str(tmp_path / "lora"),
-            "inputs": str(tmp_path / "inputs.pt"),
-            "logits": str(tmp_path / "logits.pt"),
-        }
-    )
+    result = export_and_reload(family, trained, inputs, tmp_path, reloader)
     scale = float(trained_logits.abs().max())
     assert result["merged"] <= TOLERANCE * scale and result["lora"] <= TOLERANCE * scale, result
     assert result["task_type"] == family.task_type
     assert result["fan_in_fan_out"] is any(isinstance(m, Conv1D) for m in base.modules())
     assert result["inilora_hf_imported"] is False
+
+
+def test_lora_sb_exports_on_conv1d_layers_reload_without_inilora(tmp_path: Path, reloader: ReloadWorker) -> None:
+    # The LoRA-XS core on fan_in_fan_out layers: `to_merged` folds s·B·R·A into the in × out weight, `to_lora` saves
+    # B·R as a plain rank-r B (W0 is untouched).
+    gpt2 = next(family for family in FAMILIES if family.model_type == "gpt2")
+    torch.manual_seed(0)
+    gpt2.model_class()(gpt2.tiny_config()).save_pretrained(tmp_path / "base")
+    batch = gpt2.inputs(seed=2, labels=True)
+    init = inilora_init(
+        tmp_path / "base",
+        variant="lora-sb",
+        rank=RANK,
+        lora_alpha=ALPHA,
+        target_modules="all-linear",
+        eta=ETA,
+        calibration_data=[batch],
+    )
+    trained = train_two_steps(gpt2, init, tmp_path / "run")
+    inputs = gpt2.inputs(seed=1)
+    started = logits_of(init().eval(), inputs)
+    trained_logits = logits_of(trained, inputs)
+    assert relative_difference(trained_logits, started) > 100 * TOLERANCE, "training must move the outputs"
+    result = export_and_reload(gpt2, trained, inputs, tmp_path, reloader)
+    scale = float(trained_logits.abs().max())
+    assert result["merged"] <= TOLERANCE * scale and result["lora"] <= TOLERANCE * scale, result
+    assert result["fan_in_fan_out"] is True and result["inilora_hf_imported"] is False
 
 
 def test_moe_expert_weights_are_refused_with_what_to_target(tmp_path: Path) -> None:
