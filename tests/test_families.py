@@ -25,8 +25,9 @@ from transformers.pytorch_utils import Conv1D
 
 from inilora_hf import convert, inilora_init
 from inilora_hf.errors import TargetModuleError
+from inilora_hf.training.calibration.data import calibration_set
 from tests import helpers
-from tests.families import FAMILIES, Family, render_table
+from tests.families import BATCH, FAMILIES, Family, render_table
 
 RANK, ALPHA = 4, 8
 ETA = 1e-2  # large enough that W0 + trunc_r(−η·sign(G)) visibly moves the outputs
@@ -246,6 +247,15 @@ def test_moe_expert_weights_are_refused_with_what_to_target(tmp_path: Path) -> N
         inilora_init(model, variant="pissa", rank=RANK, target_modules=["experts"]).prepare()
     with pytest.raises(TargetModuleError, match=r"target_parameters=.*'all-linear', which leaves the experts out"):
         inilora_init(model, variant="pissa", rank=RANK, lora_config_kwargs={"target_parameters": ["experts.down_proj"]})
+
+
+def test_image_and_audio_calibration_rows_ask_for_batches() -> None:
+    # Batches of pixel_values / input_features are taken (the matrix's ViT and Whisper); single rows have no collator.
+    vit = next(family for family in FAMILIES if family.model_type == "vit")
+    batch = vit.inputs(seed=0, labels=True)
+    assert calibration_set([batch]).samples == BATCH
+    with pytest.raises(ValueError, match=r"rows with `pixel_values` need batching: pass a DataLoader"):
+        calibration_set([{key: value[0] for key, value in batch.items()}])
 
 
 def test_readme_family_table_is_the_rendered_matrix() -> None:
