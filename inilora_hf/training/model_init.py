@@ -168,7 +168,7 @@ def inilora_init(
         calibration=CalibrationSource(calibration_data, calibration_samples, calibration_batch_size),
         lora_kwargs={"lora_dropout": lora_dropout, **(lora_config_kwargs or {})},
     )
-    if calibration_data is not None and (factors is not None or not get_variant(config.variant).needs_gradients):
+    if calibration_data is not None and (factors is not None or not get_variant(config.variant).needs_calibration):
         raise ValueError(
             "`calibration_data` has no effect with "
             f"{'`factors=`' if factors is not None else f'variant {config.variant!r}'}: "

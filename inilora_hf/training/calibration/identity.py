@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 
+from inilora_hf.errors import CalibrationDataError
 from inilora_hf.log import get_logger
 from inilora_hf.variants import get_variant
 from inilora_hf.variants.config import InitConfig
@@ -48,11 +49,12 @@ def calibrate(
         )
     if config.quantization is not None:
         raise ValueError(
-            f"Variant {spec.name!r} estimates gradients of the base weights, which a 4/8-bit base does not have. "
+            f"Variant {spec.name!r} runs its calibration pass on the full-precision base weights, which a 4/8-bit "
+            "base does not have. "
             "Compute the factor set on the full-precision model (no quantization_config), or pick another variant."
         )
     if source is None or source.data is None:
-        raise ValueError(
+        raise CalibrationDataError(
             f"Variant {spec.name!r} is data-driven and got no calibration data. Pass `calibration_data=` (a tokenized "
             "dataset or a DataLoader) to inilora_init, or train with `inilora_hf.SFTTrainer(model_init=...)`, "
             "which hands the init its own train dataset."
