@@ -20,12 +20,15 @@ from inilora_hf.output_dirs import check_output_dir
 # The built-in variant names, listed in --help without importing the registry (which needs torch); a test keeps
 # this equal to `inilora_hf.available_variants()` in a fresh process.
 BUILTIN_VARIANTS = (
+    "corda",
+    "eva",
     "gaussian",
     "inilora",
     "inilora-alpha",
     "inilora-beta",
     "lora",
     "lora-sb",
+    "lora_ga",
     "mica",
     "milora",
     "olora",
@@ -78,7 +81,9 @@ def _add_init_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variant",
         default="inilora",
-        help=_variant_help("; lora-sb reads calibration data, so it runs through the Python API only"),
+        help=_variant_help(
+            "; lora-sb, eva, corda and lora_ga read calibration data, so they run through the Python API only"
+        ),
     )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     parser.add_argument(

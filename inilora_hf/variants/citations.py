@@ -30,7 +30,8 @@ ORTHOGONAL = (
 MICA = "Minor Component Adaptation (MiCA), arXiv:2604.01694, as implemented in PEFT 0.21 (`init_lora_weights='mica'`)."
 EVA = (
     "@article{paischer2024eva,\n  title={One Initialization to Rule them All: Fine-tuning via Explained Variance "
-    "Adaptation},\n  author={Paischer, Fabian and others},\n  journal={arXiv preprint arXiv:2410.07170},\n  year={2024}\n}"
+    "Adaptation},\n  author={Paischer, Fabian and others},\n  journal={arXiv preprint arXiv:2410.07170},\n"
+    "  year={2024}\n}"
 )
 CORDA = (
     "@article{yang2024corda,\n  title={CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for "

@@ -127,8 +127,8 @@ def harvested_factors(inputs: VariantInputs) -> dict[str, ModuleFactors]:
     missing = sorted(set(inputs.weights) - set(harvested))
     if missing:
         raise ValueError(
-            f"Variant {inputs.config.variant!r} got no factors from PEFT's data pass for {missing[:3]}: it runs through "
-            "inilora_init(..., calibration_data=...) (or inilora_hf.SFTTrainer), which runs that pass."
+            f"Variant {inputs.config.variant!r} got no factors from PEFT's data pass for {missing[:3]}: it runs "
+            "through inilora_init(..., calibration_data=...) (or inilora_hf.SFTTrainer), which runs that pass."
         )
     return {name: harvested[name] for name in sorted(inputs.weights)}
 

@@ -67,7 +67,9 @@ class VariantSpec:
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             accepted = ", ".join(sorted(self.defaults)) or "none"
-            raise VariantOptionError(f"Unknown option(s) {unknown} for variant {self.name!r}. Accepted options: {accepted}.")
+            raise VariantOptionError(
+                f"Unknown option(s) {unknown} for variant {self.name!r}. Accepted options: {accepted}."
+            )
         resolved = {**self.defaults, **options}
         if self.check is not None:
             self.check(resolved)
