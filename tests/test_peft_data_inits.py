@@ -30,6 +30,7 @@ from inilora_hf import SFTTrainer, convert, get_variant, inilora_init, load_trai
 from inilora_hf.cli.app import BUILTIN_VARIANTS
 from inilora_hf.cli.demo import build_demo_base, demo_dataset
 from inilora_hf.errors import CalibrationDataError, VariantOptionError
+from inilora_hf.trainer_callbacks import init_report_metrics
 from inilora_hf.training.calibration import calibration_set
 from tests import helpers
 from tests.test_convert import make_tiny_base
@@ -349,3 +350,22 @@ def test_the_callers_model_is_not_modified(tiny_base_dir: Path) -> None:
     )
     init()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("run", ["eva"], indirect=True)
+def test_report_metrics_and_checkpoint_metadata_give_each_modules_rank_and_scaling(run: dict) -> None:
+    """With per-module ranks the report, the `init/*` metrics and the checkpoint metadata report each module's own
+    rank and scaling (read here from the PEFT layers), not only the config's defaults."""
+    layers = lora_layers(run["initial"])
+    ranks = {name: layer.r["default"] for name, layer in layers.items()}
+    scalings = {name: layer.scaling["default"] for name, layer in layers.items()}
+    report = run["initial"].init_report
+    assert {m.name: (m.rank, m.scaling) for m in report.modules} == {n: (ranks[n], scalings[n]) for n in ranks}
+    assert report.rank_range == (min(ranks.values()), max(ranks.values()))
+    assert f"rank={min(ranks.values())}..{max(ranks.values())}" in report.summary()
+    metrics = init_report_metrics(report)
+    assert (metrics["init/rank_min"], metrics["init/rank_max"]) == report.rank_range
+    assert metrics["init/rank"] == sum(ranks.values()) / len(ranks)
+    metadata = json.loads((run["root"] / "first" / "checkpoint-4" / "inilora_init.json").read_text())
+    assert metadata["module_ranks"] == ranks
+    assert metadata["module_scalings"] == scalings

@@ -11,8 +11,9 @@ import argparse
 import importlib
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from inilora_hf.log import set_verbosity
 from inilora_hf.output_dirs import check_output_dir
@@ -39,8 +40,19 @@ BUILTIN_VARIANTS = (
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, but a help line never breaks inside a hyphenated name (`inilora-alpha`)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line that points at --help (instead of the full usage first)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -78,6 +78,8 @@ def init_metadata(model: PeftModel) -> dict[str, Any]:
         "variant": factor_set.config.variant,
         "residual": get_variant(factor_set.config.variant).residual,
         "scaling": factor_set.config.scaling,
+        "module_ranks": {name: factor_set.config.rank_for(name) for name in sorted(factor_set.factors)},
+        "module_scalings": {name: factor_set.config.scaling_for(name) for name in sorted(factor_set.factors)},
         "base_model": base_model,
         "base_revision": base_revision,
         "base_model_class": type(base).__name__,
