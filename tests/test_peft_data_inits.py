@@ -23,7 +23,13 @@ from peft import LoraConfig, get_peft_model, initialize_lora_eva_weights, prepro
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.config import CordaConfig, EvaConfig, LoraGAConfig
 from peft.tuners.lora.corda import preprocess_corda
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+)
 from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, convert, get_variant, inilora_init, load_trained
@@ -309,6 +315,21 @@ def test_eva_refuses_batches_with_fewer_tokens_than_components(tiny_base_dir: Pa
     init = make_init("eva", tiny_base_dir, None, short, calibration_samples=4, calibration_batch_size=2)
     with pytest.raises(CalibrationDataError, match=r"at least rank·rho = 8 tokens .* batch 0 has 6"):
         init.prepare()
+
+
+def test_eva_label_mask_refuses_one_label_per_sample_and_works_without_it(tiny_base_dir: Path) -> None:
+    """PEFT would broadcast a (batch,) label mask against (batch, tokens) (an error, or a wrong mask when the two
+    sizes agree): such data is refused with the fix, which then works."""
+    rows = [{"input_ids": row["input_ids"], "labels": i % 2} for i, row in enumerate(make_rows())]
+    with pytest.raises(CalibrationDataError, match=r"has labels of shape \(4,\) .* pass use_label_mask=False"):
+        make_init("eva", tiny_base_dir, None, rows).prepare()
+    classifier = {
+        "model_class": AutoModelForSequenceClassification,
+        "model_kwargs": {"num_labels": 2, "pad_token_id": 0},
+    }
+    with pytest.raises(CalibrationDataError, match="pass use_label_mask=False"):
+        make_init("eva", tiny_base_dir, None, rows, **classifier).prepare()
+    assert make_init("eva", tiny_base_dir, None, rows, use_label_mask=False, **classifier).prepare().factors
 
 
 def test_sft_trainer_hands_eva_its_own_train_set(tmp_path: Path) -> None:

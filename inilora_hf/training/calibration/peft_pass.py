@@ -140,13 +140,19 @@ def train_step(model: nn.Module, batches: Sequence[Batch]) -> None:
 
 
 def _check_eva_tokens(config: InitConfig, batches: Sequence[Batch], names: Sequence[str]) -> None:
-    """EVA's SVD hooks skip a batch with fewer tokens than components and PEFT then loops over the data forever:
-    refuse such data up front."""
+    """EVA's SVD hooks skip a batch with fewer tokens than components and PEFT then loops over the data forever;
+    its label mask broadcasts one label per sample against the tokens: refuse such data up front."""
     options = config.options
     components = max(round(config.rank_for(name) * options["rho"]) for name in names)
     for index, batch in enumerate(batches):
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-        if options["use_label_mask"] and "labels" in batch and batch["labels"].shape == mask.shape:
+        if options["use_label_mask"] and "labels" in batch:
+            if tuple(batch["labels"].shape) != tuple(mask.shape):
+                raise CalibrationDataError(
+                    f"EVA's use_label_mask=True masks token labels, but calibration batch {index} has labels of shape "
+                    f"{tuple(batch['labels'].shape)} for input_ids {tuple(mask.shape)} (one label per sample?): pass "
+                    "use_label_mask=False."
+                )
             mask = mask & (batch["labels"] != options["label_mask_value"])
         tokens = int(mask.sum())
         if tokens < components:
