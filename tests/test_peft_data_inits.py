@@ -36,10 +36,12 @@ from inilora_hf import SFTTrainer, convert, get_variant, inilora_init, load_trai
 from inilora_hf.cli.app import BUILTIN_VARIANTS
 from inilora_hf.cli.demo import build_demo_base, demo_dataset
 from inilora_hf.errors import CalibrationDataError, VariantOptionError
+from inilora_hf.factorsets.publish import push_factor_set
 from inilora_hf.trainer_callbacks import init_report_metrics
 from inilora_hf.training.calibration import calibration_set
 from tests import helpers
 from tests.test_convert import make_tiny_base
+from tests.test_quantized import CONFIGS
 
 VARIANTS = ["eva", "corda", "lora_ga"]
 RANK, ALPHA = 4, 8  # scaling 2
@@ -390,3 +392,78 @@ def test_report_metrics_and_checkpoint_metadata_give_each_modules_rank_and_scali
     metadata = json.loads((run["root"] / "first" / "checkpoint-4" / "inilora_init.json").read_text())
     assert metadata["module_ranks"] == ranks
     assert metadata["module_scalings"] == scalings
+
+
+def test_hub_round_trip_rebuilds_the_init_without_calibration_data(run: dict, hub) -> None:
+    """Pushed to the (loopback) Hub and pulled by repo id with no calibration data at all: the same factors, ranks
+    and outputs; the repo's `init_adapter/` config carries EVA's per-module ranks for plain PEFT."""
+    repo = f"tester/tiny-llama-{run['variant'].replace('_', '-')}"
+    push_factor_set(run["initial"].factor_set, repo)
+    init = inilora_init(str(run["base"]), factors=repo)
+    pulled = init()
+    assert init.config == run["initial"].factor_set.config
+    for name, factors in run["initial"].factor_set.factors.items():
+        assert torch.equal(pulled.factor_set.factors[name].lora_A, factors.lora_A)
+        assert torch.equal(pulled.factor_set.factors[name].lora_B, factors.lora_B)
+    assert torch.equal(helpers.logits_of(pulled, INPUT_IDS), helpers.logits_of(run["initial"], INPUT_IDS))
+    saved = json.loads((Path(hub.api.snapshot_download(repo)) / "init_adapter" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == {re.escape(n): r for n, r in run["initial"].factor_set.config.rank_pattern.items()}
+
+
+# ------------------------------------------- PEFT's per-layer inits: Hub, resume, quantized base (README's table)
+
+PER_LAYER = ["olora", "orthogonal", "pissa_niter", "mica"]
+
+
+@pytest.mark.parametrize("variant", PER_LAYER)
+def test_peft_per_layer_init_hub_round_trip(variant: str, tiny_base_dir: Path, hub) -> None:
+    computed = inilora_init(str(tiny_base_dir), variant=variant, rank=RANK, target_modules=TARGETS)()
+    repo = f"tester/tiny-llama-{variant.replace('_', '-')}"
+    push_factor_set(computed.factor_set, repo)
+    pulled = inilora_init(str(tiny_base_dir), factors=repo)()
+    for name, factors in computed.factor_set.factors.items():
+        assert torch.equal(pulled.factor_set.factors[name].lora_A, factors.lora_A)
+        assert torch.equal(pulled.factor_set.factors[name].lora_B, factors.lora_B)
+    assert torch.equal(helpers.logits_of(pulled, INPUT_IDS), helpers.logits_of(computed, INPUT_IDS))
+
+
+@pytest.mark.parametrize("variant", ["orthogonal", "pissa_niter"])
+def test_peft_per_layer_init_resume_continues_the_run_exactly(variant: str, tmp_path: Path) -> None:
+    base_dir = make_tiny_base(tmp_path / "base")
+
+    def trainer(folder: str) -> Trainer:
+        init = inilora_init(str(base_dir), variant=variant, rank=RANK, target_modules=TARGETS, cache_dir=tmp_path)
+        return make_trainer(init, tmp_path / folder)
+
+    straight = trainer("first")
+    straight.train()
+    resumed = trainer("second")
+    shutil.copytree(tmp_path / "first" / "checkpoint-2", tmp_path / "second" / "checkpoint-2")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "second" / "checkpoint-2"))
+    expected, got = lora_state(straight.model), lora_state(resumed.model)
+    assert sorted(expected) == sorted(got) and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("variant", PER_LAYER)
+def test_peft_per_layer_init_on_a_4bit_base_uses_the_full_precision_factors(variant: str, tiny_base_dir: Path) -> None:
+    """On an nf4 base the factors are PEFT's, computed from the full-precision weights, rounded once to the
+    adapter dtype (bf16) they train in; a base-mutating init's residual is quantized (like QLoRA's W0 otherwise)."""
+    full = inilora_init(str(tiny_base_dir), variant=variant, rank=RANK, target_modules=TARGETS).prepare()
+    quantized = inilora_init(
+        str(tiny_base_dir), variant=variant, rank=RANK, target_modules=TARGETS, quantization_config=CONFIGS["nf4"]()
+    )
+    model = quantized()
+    for name, factors in full.factors.items():
+        layer = lora_layers(model)[name]
+        assert torch.equal(layer.lora_A["default"].weight.float(), factors.lora_A.to(torch.bfloat16).float()), name
+        assert torch.equal(layer.lora_B["default"].weight.float(), factors.lora_B.to(torch.bfloat16).float()), name
+    residual = get_variant(variant).residual  # a residual is requantized and its fidelity reported
+    assert all(m.storage_dtype == "bnb-4bit" for m in model.init_report.modules)
+    assert all((m.quantized_init_error is not None) == residual for m in model.init_report.modules)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_data_driven_inits_refuse_a_quantized_base_with_the_fix(variant: str, tiny_base_dir: Path) -> None:
+    init = make_init(variant, tiny_base_dir, None, make_rows(), quantization_config=CONFIGS["nf4"]())
+    with pytest.raises(ValueError, match="runs its calibration pass on the full-precision base weights.*no quantiz"):
+        init.prepare()

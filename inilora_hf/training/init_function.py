@@ -196,10 +196,12 @@ class InitFunction:
     def _resolve(self, base: nn.Module, checkpoint: dict[str, Any] | None) -> None:
         if self._verified:
             return
-        weights, fingerprints = self._reference_weights(base, checkpoint)
         if self.factor_set is None and self._factors_source is not None:
             self.factor_set = FactorSet.from_pretrained(self._factors_source)
             self.factor_source = str(self._factors_source)
+        if self.factor_set is not None:  # its targets and ranks, not inilora_init's defaults, pick the weights
+            self.config = replace(self.factor_set.config, quantization=self.config.quantization)
+        weights, fingerprints = self._reference_weights(base, checkpoint)
         if self.factor_set is None:
             self.factor_set, self.factor_source = self._compute_or_load_cached(weights, fingerprints, base)
             self.config = self.factor_set.config  # with the per-module ranks a data-driven init chose (EVA)
