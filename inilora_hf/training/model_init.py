@@ -91,8 +91,9 @@ def inilora_init(
             are rounded to it before `R` is computed, so `R + s·B·A` holds for the values that train.
         use_cache: Look up / store computed factor sets in the cache (keyed by base weights + config). Concurrent
             processes (e.g. the ranks of a `torchrun` job) compute a key once; the others wait and load it.
-        calibration_data: Data-driven variants (`lora-sb`, `eva`, `corda`, `lora_ga`): tokenized rows (a `datasets.Dataset`, a list of dicts
-            with `input_ids` and optionally `attention_mask` / `labels`) or model-input batches (a `DataLoader`).
+        calibration_data: Data-driven variants (`lora-sb`, `eva`, `corda`, `lora_ga`): tokenized rows (a
+            `datasets.Dataset`, a list of dicts with `input_ids` and optionally `attention_mask` / `labels`) or
+            model-input batches (a `DataLoader`).
             With `inilora_hf.SFTTrainer(model_init=...)` it defaults to the trainer's prepared train dataset.
             The sha256 of the exact samples used is recorded in `options["calibration"]` (part of the cache key).
         calibration_samples: Use exactly this many samples, the first ones in order (default: up to 64).
