@@ -238,6 +238,9 @@ def test_second_init_with_the_same_data_runs_no_forward_pass(run: dict) -> None:
         handle.remove()
     assert calls == []
     assert init.factor_source.startswith("cache:")
+    # the checkpoint records the key the init used (EVA's stored config, with its ranks, hashes differently)
+    metadata = json.loads((run["root"] / "first" / "checkpoint-4" / "inilora_init.json").read_text())
+    assert init.factor_source == f"cache:{metadata['cache_key']}"
     assert init.config == run["init"].config  # with EVA's per-module ranks, as computed
     for name, factors in run["initial"].factor_set.factors.items():
         assert torch.equal(again.factor_set.factors[name].lora_A, factors.lora_A)

@@ -292,6 +292,8 @@ class InitFunction:
 
         def build(directory: Path) -> None:
             computed.append(compute())
+            # The key of the config before a data pass: EVA's chosen ranks change the stored config, not the key.
+            computed[0].info["cache_key"] = key
             computed[0].save_pretrained(directory)
 
         cache_dir = self._options.cache_dir

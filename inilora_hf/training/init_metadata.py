@@ -86,7 +86,7 @@ def init_metadata(model: PeftModel) -> dict[str, Any]:
         "base_dtype": str(model_dtype(base)).removeprefix("torch."),
         "model_key": factor_set.model_key,
         "config_hash": factor_set.config.config_hash(),
-        "cache_key": cache_key(factor_set.model_key, factor_set.config),
+        "cache_key": factor_set.info.get("cache_key") or cache_key(factor_set.model_key, factor_set.config),
         "factor_source": getattr(report, "source", "") or "",
         "factor_repo": factor_set.info.get("source_repo"),
         "factor_revision": factor_set.info.get("source_revision"),
