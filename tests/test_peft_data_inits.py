@@ -465,7 +465,32 @@ def test_peft_per_layer_init_on_a_4bit_base_uses_the_full_precision_factors(vari
     assert all((m.quantized_init_error is not None) == residual for m in model.init_report.modules)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def test_eva_on_a_4bit_base_equals_plain_peft_on_that_base(tiny_base_dir: Path) -> None:
+    """As with PEFT alone, EVA runs on the nf4 model (its layer inputs): the same ranks, A = PEFT's rounded once to
+    the adapter dtype (bf16), B = 0, so the outputs are the quantized base's own; a second init is a cache hit."""
+    rows = make_rows()
+    quantized = {"quantization_config": CONFIGS["nf4"](), "calibration_batch_size": BATCH}
+    init = make_init("eva", tiny_base_dir, None, rows, **quantized)
+    ours = init()
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir, quantization_config=CONFIGS["nf4"]())
+    expected = helpers.logits_of(base, INPUT_IDS)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights="eva", **SUB_CONFIGS["eva"])
+    plain = get_peft_model(base, config)
+    initialize_lora_eva_weights(plain, dataloader=reference_batches(rows), show_progress_bar=False)
+    plain_layers, our_layers = lora_layers(plain), lora_layers(ours)
+    assert sorted(plain_layers) == sorted(our_layers)
+    for name, layer in plain_layers.items():
+        theirs, mine = layer.lora_A["default"].weight, our_layers[name].lora_A["default"].weight
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, theirs.to(torch.bfloat16)), name
+        assert layer.scaling["default"] == our_layers[name].scaling["default"], name
+        assert not our_layers[name].lora_B["default"].weight.any()
+    assert torch.equal(helpers.logits_of(ours, INPUT_IDS), expected)
+    again = make_init("eva", tiny_base_dir, None, rows, **quantized)
+    again.prepare()
+    assert again.factor_source.startswith("cache:")
+
+
+@pytest.mark.parametrize("variant", ["corda", "lora_ga"])
 def test_data_driven_inits_refuse_a_quantized_base_with_the_fix(variant: str, tiny_base_dir: Path) -> None:
     init = make_init(variant, tiny_base_dir, None, make_rows(), quantization_config=CONFIGS["nf4"]())
     with pytest.raises(ValueError, match="runs its calibration pass on the full-precision base weights.*no quantiz"):

@@ -15,6 +15,9 @@ From every LoRA layer it takes A, B, the rank and alpha PEFT chose (EVA redistri
 weight PEFT left against the variant's registration with `variants.peft_native.check_peft_init`: unchanged for
 `eva`, `W0 − s·B·A` up to rounding for `corda` and `lora_ga`, which `inilora_hf.adapters.apply` recomputes from the
 stored factors. The variant function (`variants.peft_data`) receives the factors in `VariantInputs.harvested`.
+
+On a 4/8-bit base only `eva` runs (it reads layer inputs, so it runs on the quantized model, as with PEFT alone);
+`corda` and `lora_ga` need the full-precision weights and are refused by `calibrate`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from peft.tuners.lora.corda import preprocess_corda
 from torch import nn
 
 from inilora_hf.errors import CalibrationDataError
+from inilora_hf.linalg.bnb import bnb_bits
 from inilora_hf.log import get_logger
 from inilora_hf.variants import ModuleFactors, get_variant
 from inilora_hf.variants.config import InitConfig
@@ -163,6 +167,8 @@ def _check_eva_tokens(config: InitConfig, batches: Sequence[Batch], names: Seque
 
 
 def _harvest(model: nn.Module, config: InitConfig, weights: Mapping[str, torch.Tensor]) -> PeftDataInit:
+    """A, B, ranks and alphas of `model`'s LoRA layers, each full-precision one checked against the variant's
+    declaration (its base weight compared with W0)."""
     spec = get_variant(config.variant)
     factors: dict[str, ModuleFactors] = {}
     ranks: dict[str, int] = {}
@@ -174,14 +180,18 @@ def _harvest(model: nn.Module, config: InitConfig, weights: Mapping[str, torch.T
                 f"EVA assigned rank 0 to {name!r} (PEFT then drops its adapter), which a factor set cannot hold: pass "
                 "rho=1.0 (no rank redistribution), or leave the module out of target_modules."
             )
-        base = cast(nn.Linear, layer.get_base_layer()).weight.detach()
+        base_layer = cast(nn.Linear, layer.get_base_layer())
+        base = base_layer.weight.detach()
         result = PeftLayerInit(
             lora_A=_factor(layer, "lora_A"),
             lora_B=_factor(layer, "lora_B"),
             base_weight=base.float().cpu(),
             frozen=tuple(layer.frozen_peft_weight_names.get("default", ())),
         )
-        check_peft_init(name, weights[name], result, spec, layer.scaling["default"], storage_dtype=base.dtype)
+        if bnb_bits(base_layer) is None:
+            check_peft_init(name, weights[name], result, spec, layer.scaling["default"], storage_dtype=base.dtype)
+        # A 4/8-bit copy (EVA only) is not compared: bitsandbytes' CPU forward repacks the 4-bit data, after which
+        # it no longer dequantizes to W0's values. The model trains on a fresh load that PEFT never touched.
         factors[name] = ModuleFactors(result.lora_A, result.lora_B)
         ranks[name] = int(layer.r["default"])
         alphas[name] = float(layer.lora_alpha["default"])
