@@ -48,3 +48,12 @@ class PeftInitError(RuntimeError):
     """PEFT's own init did something the variant does not declare (it changed the base weight differently, or froze
     other factors), typically under a PEFT version whose init changed: pin the PEFT version the variant was checked
     with, or report it."""
+
+
+class VariantOptionError(ValueError):
+    """A variant option has an unknown name or an invalid value; the message names the option and what it accepts."""
+
+
+class CalibrationDataError(ValueError):
+    """A data-driven variant got no calibration data, or data it cannot use (e.g. EVA would leave a target module
+    with rank 0); the message says how to pass or change it."""

@@ -124,8 +124,12 @@ def init_report_metrics(report: InitReport) -> dict[str, float]:
     metrics = {
         "init/max_reconstruction_error": float(report.max_reconstruction_error),
         "init/mean_reconstruction_rel": _mean([m.reconstruction_rel for m in modules]),
-        "init/rank": float(report.rank),
-        "init/scaling": float(report.scaling),
+        "init/rank": _mean([float(m.rank) for m in modules]) if modules else float(report.rank),
+        "init/rank_min": float(report.rank_range[0]),
+        "init/rank_max": float(report.rank_range[1]),
+        "init/scaling": _mean([m.scaling for m in modules]) if modules else float(report.scaling),
+        "init/scaling_min": float(report.scaling_range[0]),
+        "init/scaling_max": float(report.scaling_range[1]),
         "init/residual": float(report.residual),
         "init/modules": float(len(modules)),
     }

@@ -16,7 +16,7 @@ import torch
 from benchmarks import approx
 from benchmarks.harness import THREAD_VARIABLES, interleaved, min_median, pin_threads
 
-BENCHMARKS = ("approx", "trainer_overhead", "streaming", "quantized_fidelity")
+BENCHMARKS = ("approx", "trainer_overhead", "streaming", "quantized_fidelity", "data_driven")
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ from tests import helpers
 
 TOLERANCE = 1e-4
 INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-VARIANTS = [name for name in available_variants() if not get_variant(name).needs_gradients]
+# Data-driven variants (calibration data) are exported in tests/test_lora_sb.py and tests/test_peft_data_inits.py.
+VARIANTS = [name for name in available_variants() if not get_variant(name).needs_calibration]
 # One extra case: PEFT's `modules_to_save` (a trained copy of lm_head) must survive both exports.
 CASES = [*VARIANTS, "pissa+modules_to_save"]
 

@@ -278,9 +278,13 @@ def test_every_variant_gives_same_shape_modules_their_own_ranks(variant: str, ti
     """Layer 0's and layer 1's q_proj have one shape but ranks 4 and 2: batched variants must not stack them."""
     layer1 = r"layers\.1\.self_attn\.q_proj"
     extra: dict = {"steps": 5} if variant == "inilora" else {}
-    if get_variant(variant).needs_gradients:
+    if get_variant(variant).needs_calibration:  # EVA with rho=1 keeps the ranks it is given
         rows = [{"input_ids": list(range(4 + i, 16 + i))} for i in range(4)]
-        extra = {"eta": 1e-3, "calibration_data": rows, "calibration_batch_size": 2}
+        extra = {
+            "calibration_data": rows,
+            "calibration_batch_size": 2,
+            **{"lora-sb": {"eta": 1e-3}, "eva": {"rho": 1.0}}.get(variant, {}),
+        }
     init = inilora_init(
         tiny_base_dir,
         variant=variant,

@@ -180,6 +180,8 @@ def _apply_module(
     report = ModuleReport(
         name=name,
         shape=(weight.shape[0], weight.shape[1]),
+        rank=int(lora_A.shape[0]),
+        scaling=float(scaling),
         storage_dtype=f"bnb-{bnb_bits(base)}bit" if bnb_bits(base) else str(base.weight.dtype).removeprefix("torch."),
         mse=factor_set.stats.get(name, {}).get("mse"),
         optimal_mse=factor_set.stats.get(name, {}).get("optimal_mse"),

@@ -11,8 +11,9 @@ import argparse
 import importlib
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from inilora_hf.log import set_verbosity
 from inilora_hf.output_dirs import check_output_dir
@@ -20,12 +21,15 @@ from inilora_hf.output_dirs import check_output_dir
 # The built-in variant names, listed in --help without importing the registry (which needs torch); a test keeps
 # this equal to `inilora_hf.available_variants()` in a fresh process.
 BUILTIN_VARIANTS = (
+    "corda",
+    "eva",
     "gaussian",
     "inilora",
     "inilora-alpha",
     "inilora-beta",
     "lora",
     "lora-sb",
+    "lora_ga",
     "mica",
     "milora",
     "olora",
@@ -36,8 +40,19 @@ BUILTIN_VARIANTS = (
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, but a help line never breaks inside a hyphenated name (`inilora-alpha`)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line that points at --help (instead of the full usage first)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
@@ -78,7 +93,9 @@ def _add_init_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variant",
         default="inilora",
-        help=_variant_help("; lora-sb reads calibration data, so it runs through the Python API only"),
+        help=_variant_help(
+            "; lora-sb, eva, corda and lora_ga read calibration data, so they run through the Python API only"
+        ),
     )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     parser.add_argument(

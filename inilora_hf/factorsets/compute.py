@@ -43,6 +43,7 @@ def compute_factor_set(
     device: torch.device | str | None = None,
     gradients: Mapping[str, torch.Tensor] | None = None,
     max_group_bytes: int | None = None,
+    harvested: Mapping[str, ModuleFactors] | None = None,
 ) -> FactorSet:
     """Run `config.variant` on `weights` and package the result with statistics and provenance.
 
@@ -59,7 +60,9 @@ def compute_factor_set(
         )
     device = torch.device(device) if device is not None else default_device()
     started = time.perf_counter()
-    factors = run_variant(weights, config, device=device, gradients=gradients, max_group_bytes=max_group_bytes)
+    factors = run_variant(
+        weights, config, device=device, gradients=gradients, max_group_bytes=max_group_bytes, harvested=harvested
+    )
     seconds = time.perf_counter() - started
     stats = fit_statistics(weights, factors, config, device=device)
     logger.info("Computed %s factors for %d modules in %.1f s on %s.", spec.name, len(factors), seconds, device)
@@ -82,10 +85,12 @@ def run_variant(
     gradients: Mapping[str, torch.Tensor] | None = None,
     max_group_bytes: int | None = None,
     std_by_type: Mapping[str, float] | None = None,
+    harvested: Mapping[str, ModuleFactors] | None = None,
 ) -> dict[str, ModuleFactors]:
     """Run `config.variant` on `weights` and check that it returned `(r, in)` / `(out, r)` factors for each module.
 
-    `std_by_type` is passed on when `weights` holds only a subset of the targets (see `VariantInputs`).
+    `std_by_type` is passed on when `weights` holds only a subset of the targets, `harvested` for PEFT's
+    data-driven inits (see `VariantInputs`).
 
     Example:
         >>> cfg = InitConfig("pissa", rank=2, target_modules=["q_proj"])
@@ -102,6 +107,7 @@ def run_variant(
             gradients=gradients,
             max_group_bytes=max_group_bytes,
             std_by_type=std_by_type,
+            harvested=harvested,
         )
     )
     missing = sorted(set(weights) - set(factors))

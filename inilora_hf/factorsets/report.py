@@ -47,11 +47,13 @@ def fit_statistics(
 
 @dataclass
 class ModuleReport:
-    """One target module's line in the init report."""
+    """One target module's line in the init report (`rank` and `scaling`: the module's own, as PEFT set them)."""
 
     name: str
     shape: tuple[int, int]
     storage_dtype: str
+    rank: int = 0
+    scaling: float = 0.0
     mse: float | None = None
     optimal_mse: float | None = None
     mse_ratio: float | None = None
@@ -69,6 +71,9 @@ class InitReport:
     rounding of the storage dtype, or the quantization of R); `reconstruction_rel` is ‖R + s·B·A − W0‖ / ‖W0‖.
     On bitsandbytes bases, `quantized_init_error` (= `reconstruction_rel`) sits next to `qlora_error`,
     ‖Q(W0) − W0‖ / ‖W0‖, the error plain QLoRA starts from.
+
+    `rank` and `scaling` are the config's defaults; with `rank_pattern` / `alpha_pattern` (or EVA's redistribution)
+    each module's own are in `modules`, summarised by `rank_range` and `scaling_range`.
     """
 
     variant: str
@@ -77,6 +82,24 @@ class InitReport:
     residual: bool
     source: str
     modules: list[ModuleReport] = field(default_factory=list)
+
+    @property
+    def rank_range(self) -> tuple[int, int]:
+        """(smallest, largest) rank over the modules; `(rank, rank)` without modules.
+
+        Example:
+            >>> InitReport("pissa", 4, 1.0, True, "", [ModuleReport("q", (8, 8), "float32", rank=2, scaling=2.0),
+            ...     ModuleReport("v", (8, 8), "float32", rank=6, scaling=0.5)]).rank_range
+            (2, 6)
+        """
+        ranks = [m.rank for m in self.modules] or [self.rank]
+        return min(ranks), max(ranks)
+
+    @property
+    def scaling_range(self) -> tuple[float, float]:
+        """(smallest, largest) LoRA scaling over the modules; `(scaling, scaling)` without modules."""
+        scalings = [m.scaling for m in self.modules] or [self.scaling]
+        return min(scalings), max(scalings)
 
     @property
     def max_reconstruction_error(self) -> float:
@@ -89,8 +112,11 @@ class InitReport:
 
     def summary(self, max_rows: int = 12) -> str:
         """A plain-text table, one row per module (the first `max_rows`), plus totals."""
+        (low, high), (s_low, s_high) = self.rank_range, self.scaling_range
+        rank = f"{low}" if low == high else f"{low}..{high}"
+        scaling = f"{s_low:g}" if s_low == s_high else f"{s_low:g}..{s_high:g}"
         lines = [
-            f"init: variant={self.variant} rank={self.rank} scaling={self.scaling:g} "
+            f"init: variant={self.variant} rank={rank} scaling={scaling} "
             f"residual={'yes' if self.residual else 'no'} factors={self.source}",
             f"{'module':<48} {'shape':>11} {'dtype':>9} {'fit MSE':>10} {'/optimum':>9} {'max|R+sBA-W0|':>14}",
         ]

@@ -242,7 +242,7 @@ def compute_streamed(
         ('pissa', 160)
     """
     spec = get_variant(config.variant)
-    if spec.needs_gradients:
+    if spec.needs_calibration:
         raise ValueError(
             f"Variant {spec.name!r} needs calibration data; use inilora_init(..., calibration_data=...), which "
             "loads the model. Streamed computation supports weight-only variants."

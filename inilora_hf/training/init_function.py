@@ -26,6 +26,7 @@ from inilora_hf.variants import get_variant
 from inilora_hf.variants.config import InitConfig
 
 from .calibration import CalibrationSource, calibrate, estimate_gradients
+from .calibration.peft_pass import peft_data_init
 from .init_metadata import attach_init_metadata
 from .loading import BaseModel, ModelLoading, base_model_name, check_base_model
 
@@ -138,7 +139,7 @@ class InitFunction:
         return (
             self.factor_set is None
             and self._factors_source is None
-            and get_variant(self.config.variant).needs_gradients
+            and get_variant(self.config.variant).needs_calibration
             and self._calibration.data is None
         )
 
@@ -201,14 +202,14 @@ class InitFunction:
         if self.factor_set is None and self._factors_source is not None:
             self.factor_set = FactorSet.from_pretrained(self._factors_source)
             self.factor_source = str(self._factors_source)
-        if self.factor_set is not None and "target_modules" not in self._options.requested:
-            # A given factor set names its targets (a directory or repo id was not read when inilora_init ran).
-            self.config = replace(self.config, target_modules=self.factor_set.config.target_modules)
+        if self.factor_set is not None:  # its targets and ranks, not inilora_init's defaults, pick the weights
+            self.config = replace(self.factor_set.config, quantization=self.config.quantization)
         elif self._options.default_targets:
             self.config = replace(self.config, target_modules=default_target_modules(base))
         weights, fingerprints = self._reference_weights(base, checkpoint)
         if self.factor_set is None:
             self.factor_set, self.factor_source = self._compute_or_load_cached(weights, fingerprints, base)
+            self.config = self.factor_set.config  # with the per-module ranks a data-driven init chose (EVA)
         else:
             self._check_factor_set(fingerprints)
             if self.config.quantization is not None and not self.factor_set.has_residual:
@@ -256,26 +257,34 @@ class InitFunction:
         """Compute the factor set, through the local cache unless `use_cache=False`.
 
         For a data-driven variant the calibration samples are read first and their identity (and a derived
-        `eta`) enters the config, hence the cache key; the gradient pass on `base` runs only on a cache miss."""
+        `eta`) enters the config, hence the cache key; the gradient pass or PEFT's data pass (`eva`, `corda`,
+        `lora_ga`, which may choose per-module ranks that the stored config then records) on `base` runs only on a
+        cache miss."""
         calibration = None
-        if get_variant(self.config.variant).needs_gradients:
+        spec = get_variant(self.config.variant)
+        if spec.needs_calibration:
             source = self._calibration if self._calibration.data is not None else self._default_calibration
             self.config, calibration = calibrate(self.config, source, base, default_eta=self._default_eta)
 
         def compute() -> FactorSet:
+            config, harvested = self.config, None
+            if spec.peft_data_pass and calibration is not None:
+                result = peft_data_init(base, self.config, calibration.batches, weights)
+                config, harvested = result.config, result.factors
             factor_set = compute_factor_set(
                 weights,
-                self.config,
+                config,
                 fingerprints=fingerprints,
                 base_model=self.base_model_name,
                 base_revision=self.revision,
                 device=self._options.device if self._options.device is not None else default_device(),
                 gradients=None
-                if calibration is None
+                if calibration is None or not spec.needs_gradients
                 else estimate_gradients(
                     base, calibration.batches, list(weights), sample_counts=calibration.sample_counts
                 ),
                 max_group_bytes=self._options.max_group_bytes,
+                harvested=harvested,
             )
             if self.config.quantization is not None:
                 factor_set.factors = quantization_ready(factor_set.factors, weights, self.config)
@@ -288,6 +297,8 @@ class InitFunction:
 
         def build(directory: Path) -> None:
             computed.append(compute())
+            # The key of the config before a data pass: EVA's chosen ranks change the stored config, not the key.
+            computed[0].info["cache_key"] = key
             computed[0].save_pretrained(directory)
 
         cache_dir = self._options.cache_dir

@@ -63,7 +63,8 @@ def inilora_init(
         model: A Hub id, a local directory, or an already-loaded `PreTrainedModel` (deep-copied on each call,
             so the object you pass is never modified).
         variant: An init variant name (`inilora`, `inilora-alpha`, `inilora-beta`, `pissa`, `milora`, `lora`,
-            `gaussian`, `lora-sb` (data-driven), or one registered with `register_variant`).
+            `gaussian`, PEFT's own `olora`, `orthogonal`, `pissa_niter`, `mica`, the data-driven `lora-sb`, `eva`,
+            `corda`, `lora_ga`, or one registered with `register_variant`).
         rank: LoRA rank (default 8). With `factors=`, defaults to the factor set's.
         lora_alpha: LoRA alpha (default: `rank`, i.e. scaling 1 as in the IniLoRA recipes).
         use_rslora: Rank-stabilised scaling.
@@ -94,8 +95,9 @@ def inilora_init(
             are rounded to it before `R` is computed, so `R + s·B·A` holds for the values that train.
         use_cache: Look up / store computed factor sets in the cache (keyed by base weights + config). Concurrent
             processes (e.g. the ranks of a `torchrun` job) compute a key once; the others wait and load it.
-        calibration_data: Data-driven variants (`lora-sb`): tokenized rows (a `datasets.Dataset`, a list of dicts
-            with `input_ids` and optionally `attention_mask` / `labels`) or model-input batches (a `DataLoader`).
+        calibration_data: Data-driven variants (`lora-sb`, `eva`, `corda`, `lora_ga`): tokenized rows (a
+            `datasets.Dataset`, a list of dicts with `input_ids` and optionally `attention_mask` / `labels`) or
+            model-input batches (a `DataLoader`).
             With `inilora_hf.SFTTrainer(model_init=...)` it defaults to the trainer's prepared train dataset.
             The sha256 of the exact samples used is recorded in `options["calibration"]` (part of the cache key).
         calibration_samples: Use exactly this many samples, the first ones in order (default: up to 64).
@@ -175,7 +177,7 @@ def inilora_init(
         calibration=CalibrationSource(calibration_data, calibration_samples, calibration_batch_size),
         lora_kwargs={"lora_dropout": lora_dropout, **(lora_config_kwargs or {})},
     )
-    if calibration_data is not None and (factors is not None or not get_variant(config.variant).needs_gradients):
+    if calibration_data is not None and (factors is not None or not get_variant(config.variant).needs_calibration):
         raise ValueError(
             "`calibration_data` has no effect with "
             f"{'`factors=`' if factors is not None else f'variant {config.variant!r}'}: "

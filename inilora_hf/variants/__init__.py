@@ -1,6 +1,6 @@
 """Init variants: the registry plus the built-in families (random, approximation, SVD, data-driven, PEFT-native)."""
 
-from . import approximation, data_driven, peft_native, random, svd  # noqa: F401  (registers the built-in variants)
+from . import approximation, data_driven, peft_data, peft_native, random, svd  # noqa: F401  (registers the built-in variants)
 from .inputs import VariantInputs
 from .registry import (
     ModuleFactors,

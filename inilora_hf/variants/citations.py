@@ -28,3 +28,18 @@ ORTHOGONAL = (
     "#orthogonal-initialisation"
 )
 MICA = "Minor Component Adaptation (MiCA), arXiv:2604.01694, as implemented in PEFT 0.21 (`init_lora_weights='mica'`)."
+EVA = (
+    "@article{paischer2024eva,\n  title={One Initialization to Rule them All: Fine-tuning via Explained Variance "
+    "Adaptation},\n  author={Paischer, Fabian and others},\n  journal={arXiv preprint arXiv:2410.07170},\n"
+    "  year={2024}\n}"
+)
+CORDA = (
+    "@article{yang2024corda,\n  title={CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for "
+    "Task-Aware Parameter-Efficient Fine-tuning},\n  author={Yang, Yibo and others},\n"
+    "  journal={arXiv preprint arXiv:2406.05223},\n  year={2024}\n}"
+)
+LORA_GA = (
+    "@article{wang2024loraga,\n  title={LoRA-GA: Low-Rank Adaptation with Gradient Approximation},\n"
+    "  author={Wang, Shaowen and Yu, Linxi and Li, Jian},\n  journal={arXiv preprint arXiv:2407.05000},\n"
+    "  year={2024}\n}"
+)

@@ -33,6 +33,16 @@ def _check_lora_sb(options: dict) -> None:
         eta is None or (isinstance(eta, (int, float)) and not isinstance(eta, bool) and math.isfinite(eta) and eta > 0),
         f"`eta` must be a positive number (the learning rate of the first optimizer step), got {eta!r}.",
     )
+    check_calibration(options)
+
+
+def check_calibration(options: dict) -> None:
+    """Validate the `calibration` option every data-driven variant declares: None, or the identity inilora_init
+    recorded (`{"sha256", "samples"}`); users pass `calibration_data=` instead.
+
+    Example:
+        >>> check_calibration({"calibration": {"sha256": "ab", "samples": 4}})
+    """
     calibration = options["calibration"]
     require(
         calibration is None or (isinstance(calibration, dict) and set(calibration) == {"sha256", "samples"}),

@@ -10,6 +10,7 @@ import torch
 from inilora_hf.linalg.grouping import shape_groups
 
 from .config import InitConfig
+from .registry import ModuleFactors
 
 
 @dataclass
@@ -28,6 +29,8 @@ class VariantInputs:
         std_by_type: Per module type (`q_proj`, ...), the mean over ALL target layers of the per-matrix std of
             `W0 / s`. Set when `weights` holds only a subset of the targets (streamed computation), so that
             statistics pooled across layers stay those of the whole model.
+        harvested: For variants registered with `peft_data_pass=True` (`eva`, `corda`, `lora_ga`): module name →
+            the factors PEFT's own data-driven init computed on the model and calibration data.
     """
 
     weights: Mapping[str, torch.Tensor]
@@ -36,6 +39,7 @@ class VariantInputs:
     gradients: Mapping[str, torch.Tensor] | None = None
     max_group_bytes: int | None = None
     std_by_type: Mapping[str, float] | None = None
+    harvested: Mapping[str, ModuleFactors] | None = None
 
     def rank_groups(self, tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[int, list[str]]]:
         """Yield `(rank, names)`: modules of one shape and one rank (`config.rank_for`), batched within

@@ -110,11 +110,20 @@ def run_peft_init(
     )
 
 
-def check_peft_init(name: str, weight: torch.Tensor, result: PeftLayerInit, spec: VariantSpec, scaling: float) -> None:
+def check_peft_init(
+    name: str,
+    weight: torch.Tensor,
+    result: PeftLayerInit,
+    spec: VariantSpec,
+    scaling: float,
+    *,
+    storage_dtype: torch.dtype = torch.float32,
+) -> None:
     """Raise `PeftInitError` unless PEFT's init of module `name` did what `spec` declares (see the module doc).
 
     The residual PEFT wrote and `torch.addmm(W0, B, A, alpha=−s)` (what `apply` stores) each sum r products, scale
-    and subtract: each is within γ_{r+2}·(|W0| + s·|B|·|A|) of the exact `W0 − s·B·A`, elementwise.
+    and subtract: each is within γ_{r+2}·(|W0| + s·|B|·|A|) of the exact `W0 − s·B·A`, elementwise. A base stored
+    in a narrower `storage_dtype` (PEFT casts the residual to it) adds that dtype's unit roundoff times |residual|.
     """
     peft_says = f"PEFT {peft.__version__}'s init for variant {spec.name!r} on {name!r}"
     if result.frozen != spec.frozen_factors:
@@ -123,7 +132,7 @@ def check_peft_init(name: str, weight: torch.Tensor, result: PeftLayerInit, spec
             f"{list(spec.frozen_factors)}. {_FIX}"
         )
     if not spec.residual:
-        if not torch.equal(result.base_weight, weight):
+        if not torch.equal(result.base_weight.float(), weight):
             raise PeftInitError(
                 f"{peft_says} changed the base weight, but the variant is registered with residual=False. {_FIX}"
             )
@@ -132,6 +141,8 @@ def check_peft_init(name: str, weight: torch.Tensor, result: PeftLayerInit, spec
     gamma = rounds * FP32_UNIT_ROUNDOFF / (1 - rounds * FP32_UNIT_ROUNDOFF)
     bound = 2 * gamma * (weight.abs() + scaling * (result.lora_B.abs() @ result.lora_A.abs()))
     residual = torch.addmm(weight, result.lora_B, result.lora_A, alpha=-scaling)
+    if storage_dtype != torch.float32:
+        bound = bound + torch.finfo(storage_dtype).eps / 2 * residual.abs()
     if not bool(((result.base_weight - residual).abs() <= bound).all()):
         raise PeftInitError(
             f"{peft_says} left a base weight other than W0 − s·B·A (beyond fp32 rounding), which inilora_hf "

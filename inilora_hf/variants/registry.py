@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from inilora_hf.errors import VariantOptionError
+
 
 @dataclass
 class ModuleFactors:
@@ -52,14 +54,22 @@ class VariantSpec:
     approximates_weight: bool = False
     frozen_factors: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    peft_data_pass: bool = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The variant is data-driven: it needs calibration data (`needs_gradients` or `peft_data_pass`)."""
+        return self.needs_gradients or self.peft_data_pass
 
     def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Fill in defaults and validate `options`, raising a `ValueError` that lists the accepted names."""
+        """Fill in defaults and validate `options`, raising a `VariantOptionError` that lists the accepted names."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             accepted = ", ".join(sorted(self.defaults)) or "none"
-            raise ValueError(f"Unknown option(s) {unknown} for variant {self.name!r}. Accepted options: {accepted}.")
+            raise VariantOptionError(
+                f"Unknown option(s) {unknown} for variant {self.name!r}. Accepted options: {accepted}."
+            )
         resolved = {**self.defaults, **options}
         if self.check is not None:
             self.check(resolved)
@@ -83,6 +93,7 @@ def register_variant(
     approximates_weight: bool = False,
     frozen_factors: Sequence[str] = (),
     aliases: Sequence[str] = (),
+    peft_data_pass: bool = False,
     overwrite: bool = False,
 ) -> Callable[[_Variant], _Variant]:
     """Register an init variant under `name` (decorator).
@@ -102,6 +113,9 @@ def register_variant(
         frozen_factors: Factors that keep their initial value during training (`"lora_A"`, `"lora_B"`), e.g.
             MiCA's `("lora_B",)`; they are frozen the way PEFT freezes them, also after a resume.
         aliases: Other spellings accepted as `variant=` (e.g. a hyphenated one); factor sets record `name`.
+        peft_data_pass: The factors come from PEFT's own data-driven init (`eva`, `corda`, `lora_ga`), run on the
+            model and calibration data by `inilora_hf.training.calibration.peft_pass`; the variant receives them
+            in `inputs.harvested`.
         overwrite: Allow replacing an existing registration.
 
     Example:
@@ -145,6 +159,7 @@ def register_variant(
             approximates_weight=approximates_weight,
             frozen_factors=tuple(frozen_factors),
             aliases=tuple(aliases),
+            peft_data_pass=peft_data_pass,
         )
         for stale in [alias for alias, target in _ALIASES.items() if target == name]:
             del _ALIASES[stale]  # a re-registration (overwrite=True) replaces the aliases too
@@ -176,6 +191,7 @@ def available_variants() -> list[str]:
 
 
 def require(condition: bool, message: str) -> None:
-    """Raise `ValueError(message)` unless `condition`; keeps option validators one line per rule."""
+    """Raise `VariantOptionError(message)` (a `ValueError`) unless `condition`; keeps option validators one line per
+    rule."""
     if not condition:
-        raise ValueError(message)
+        raise VariantOptionError(message)

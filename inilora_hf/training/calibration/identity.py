@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 
+from inilora_hf.errors import CalibrationDataError
 from inilora_hf.log import get_logger
 from inilora_hf.variants import get_variant
 from inilora_hf.variants.config import InitConfig
@@ -34,7 +35,7 @@ def calibrate(
 
     Raises:
         ValueError: no calibration data, a variant that does not declare the `calibration` option, a
-            quantized base, or a missing `eta`.
+            quantized base for a variant that needs gradients or writes a residual, or a missing `eta`.
 
     Example:
         >>> config, cal = calibrate(InitConfig("lora-sb", rank=4, options={"eta": 1e-4}),   # doctest: +SKIP
@@ -46,13 +47,15 @@ def calibrate(
             f"Data-driven variant {spec.name!r} must declare `{CALIBRATION_OPTION}: None` among its defaults: "
             "inilora_hf records the identity of the calibration samples there, so that it is part of the cache key."
         )
-    if config.quantization is not None:
+    if config.quantization is not None and (spec.needs_gradients or spec.residual):
+        # EVA only reads layer inputs, which a 4/8-bit base has (as with PEFT alone)
         raise ValueError(
-            f"Variant {spec.name!r} estimates gradients of the base weights, which a 4/8-bit base does not have. "
+            f"Variant {spec.name!r} runs its calibration pass on the full-precision base weights, which a 4/8-bit "
+            "base does not have. "
             "Compute the factor set on the full-precision model (no quantization_config), or pick another variant."
         )
     if source is None or source.data is None:
-        raise ValueError(
+        raise CalibrationDataError(
             f"Variant {spec.name!r} is data-driven and got no calibration data. Pass `calibration_data=` (a tokenized "
             "dataset or a DataLoader) to inilora_init, or train with `inilora_hf.SFTTrainer(model_init=...)`, "
             "which hands the init its own train dataset."

@@ -62,7 +62,7 @@ def estimate_gradients(
     flags = [p.requires_grad for p in parameters]
     saved_grads = {name: weight.grad for name, weight in weights.items()}
     was_training = model.training
-    device = _input_device(model)
+    device = input_device(model)
     handles = []
     try:
         for parameter in parameters:
@@ -85,7 +85,7 @@ def estimate_gradients(
         with torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(0)
             for index, batch in enumerate(batches):
-                outputs = model(**_to_device(batch, device))
+                outputs = model(**to_device(batch, device))
                 loss = getattr(outputs, "loss", None)
                 if loss is None:
                     raise ValueError(
@@ -125,7 +125,7 @@ def input_covariances(
     sums: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     state: dict[str, Any] = {"mask": None, "tokens": 0}
     was_training = model.training
-    device = _input_device(model)
+    device = input_device(model)
 
     def hook(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else next(iter(kwargs.values()))
@@ -148,7 +148,7 @@ def input_covariances(
         with torch.no_grad():
             for batch in batches:
                 state["mask"] = batch.get("attention_mask")
-                model(**{k: v for k, v in _to_device(batch, device).items() if k != "labels"})
+                model(**{k: v for k, v in to_device(batch, device).items() if k != "labels"})
     finally:
         for handle in handles:
             handle.remove()
@@ -161,7 +161,8 @@ def input_covariances(
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embeddings' device, else its first parameter's."""
     get_input_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_input_embeddings() if get_input_embeddings is not None else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
@@ -169,7 +170,8 @@ def _input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> Batch:
+def to_device(batch: Mapping[str, Any], device: torch.device) -> Batch:
+    """`batch` with every tensor moved to `device`."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
