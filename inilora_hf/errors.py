@@ -48,3 +48,13 @@ class PeftInitError(RuntimeError):
     """PEFT's own init did something the variant does not declare (it changed the base weight differently, or froze
     other factors), typically under a PEFT version whose init changed: pin the PEFT version the variant was checked
     with, or report it."""
+
+
+class RankMismatchError(ValueError):
+    """The ranks of a distributed job were started with different arguments, base weights or calibration data, so
+    they would compute different factor sets: start every rank with the same ones."""
+
+
+class UnsupportedShardingError(ValueError):
+    """The model reaching the init is partitioned in a way inilora_hf cannot initialise (DeepSpeed ZeRO-3): use
+    DDP or FSDP, or ZeRO stage 1 or 2."""

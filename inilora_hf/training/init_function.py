@@ -17,6 +17,7 @@ from inilora_hf.adapters.apply import wrap_with_factors
 from inilora_hf.adapters.quantized import layer_settings, quantization_ready
 from inilora_hf.factorsets.cache import get_or_build
 from inilora_hf.factorsets.compute import compute_factor_set, default_device
+from inilora_hf.factorsets.distributed import compute_across_ranks, current_ranks
 from inilora_hf.factorsets.factor_set import FactorSet
 from inilora_hf.factorsets.fingerprint import cache_key, model_key, weight_fingerprint
 from inilora_hf.factorsets.fingerprint_memo import target_fingerprints
@@ -28,6 +29,7 @@ from inilora_hf.variants.config import InitConfig
 from .calibration import CalibrationSource, calibrate, estimate_gradients
 from .init_metadata import attach_init_metadata
 from .loading import BaseModel, ModelLoading, base_model_name, check_base_model
+from .rank_gradients import estimate_gradients_across_ranks
 
 logger = get_logger(__name__)
 
@@ -45,6 +47,8 @@ class FactorOptions:
         cache_dir: Local factor-set cache (None: the default one).
         refine_steps: Quantized bases only: LoftQ-style refinement rounds.
         adapter_dtype: Quantized bases only: the dtype the LoRA factors train in.
+        distributed: Split the computation across the ranks of an initialised process group of more than one
+            rank (every rank must then call it); False computes in this process alone.
 
     Example:
         >>> FactorOptions(use_cache=False, device="cpu").strict
@@ -59,6 +63,7 @@ class FactorOptions:
     cache_dir: str | os.PathLike | None = None
     refine_steps: int = 0
     adapter_dtype: str = "bfloat16"
+    distributed: bool = True
 
 
 class InitFunction:
@@ -253,6 +258,26 @@ class InitFunction:
         if get_variant(self.config.variant).needs_gradients:
             source = self._calibration if self._calibration.data is not None else self._default_calibration
             self.config, calibration = calibrate(self.config, source, base, default_eta=self._default_eta)
+
+        ranks = current_ranks() if self._options.distributed else None
+        if ranks is not None and self.config.quantization is None:
+            return compute_across_ranks(
+                ranks,
+                weights,
+                self.config,
+                fingerprints=fingerprints,
+                base_model=self.base_model_name,
+                base_revision=self.revision,
+                device=torch.device(self._options.device) if self._options.device is not None else default_device(),
+                gradients=None
+                if calibration is None
+                else lambda: estimate_gradients_across_ranks(
+                    ranks, base, calibration.batches, list(weights), sample_counts=calibration.sample_counts
+                ),
+                max_group_bytes=self._options.max_group_bytes,
+                use_cache=self._options.use_cache,
+                cache_dir=None if self._options.cache_dir is None else Path(self._options.cache_dir),
+            )
 
         def compute() -> FactorSet:
             factor_set = compute_factor_set(
