@@ -20,10 +20,9 @@ from inilora_hf.variants.approximation import mean_by_type
 from inilora_hf.variants.config import InitConfig
 from tests.conftest import tiny_llama
 from tests.dist_compute_worker import CALIBRATION_BATCH, INILORA_STEPS, calibration_rows
-from tests.helpers import REPO_ROOT, torchrun, torchrun_env
+from tests.helpers import FP32_UNIT_ROUNDOFF, REPO_ROOT, torchrun, torchrun_env
 
 WORKER = str(REPO_ROOT / "tests" / "dist_compute_worker.py")
-FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def _entries(cache: Path) -> list[Path]:
