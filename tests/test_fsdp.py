@@ -1,17 +1,21 @@
 """FSDP2 on 2 CPU processes (gloo): every rank builds the same residual model, one SGD step on sharded
 parameters equals the same step in one process, and `to_merged` / `to_lora` of the sharded model gather the full
-tensors and write the same exports as torch's own full-state gather gives."""
+tensors and write the same exports as torch's own full-state gather gives. DeepSpeed ZeRO-3 is refused."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from accelerate.utils.deepspeed import HfDeepSpeedConfig as AccelerateDeepSpeedConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from inilora_hf import inilora_init
+from inilora_hf.errors import UnsupportedShardingError
 from tests.dist_fsdp_worker import FIT_STEPS, LEARNING_RATE, batch
 from tests.helpers import FP32_UNIT_ROUNDOFF, REPO_ROOT, fp32_gamma, torchrun, torchrun_env
 
@@ -89,3 +93,15 @@ def test_fsdp_trains_and_exports_like_one_process(tiny_base_dir: Path, tmp_path:
         key = f"base_model.model.{plain}"
         assert torch.equal(adapter[f"{key}.lora_A.weight"][:rank], gathered[f"{name}.lora_A.default.weight"]), plain
         assert torch.equal(adapter[f"{key}.lora_B.weight"][:, :rank], gathered[f"{name}.lora_B.default.weight"]), plain
+
+
+def test_deepspeed_zero3_is_refused_with_a_named_error(tiny_base_dir: Path) -> None:
+    """transformers' own ZeRO-3 flag, as its `HfDeepSpeedConfig` and the Trainer set it for a ZeRO-3 config (here
+    with accelerate's config class, which does not need deepspeed installed)."""
+    zero3 = AccelerateDeepSpeedConfig({"zero_optimization": {"stage": 3}})
+    set_hf_deepspeed_config(zero3)  # a weak reference: `zero3` keeps it alive
+    try:
+        with pytest.raises(UnsupportedShardingError, match="DeepSpeed ZeRO-3 partitions the base model's weights"):
+            inilora_init(tiny_base_dir, variant="pissa", use_cache=False)()
+    finally:
+        unset_hf_deepspeed_config()

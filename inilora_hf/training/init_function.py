@@ -30,6 +30,7 @@ from .calibration import CalibrationSource, calibrate, estimate_gradients
 from .init_metadata import attach_init_metadata
 from .loading import BaseModel, ModelLoading, base_model_name, check_base_model
 from .rank_gradients import estimate_gradients_across_ranks
+from .sharding import refuse_zero3
 
 logger = get_logger(__name__)
 
@@ -106,6 +107,7 @@ class InitFunction:
         lora_kwargs: dict[str, Any] | None = None,
     ) -> None:
         check_base_model(model)
+        refuse_zero3(model if isinstance(model, nn.Module) else None)
         self.config = config
         self.factor_set: FactorSet | None = factors if isinstance(factors, FactorSet) else None
         self._factors_source = None if isinstance(factors, FactorSet) else factors
@@ -181,6 +183,7 @@ class InitFunction:
         """Resolve the factor set (load the given one, or compute it) without building a PEFT model.
 
         `base`: an already-loaded, unmodified copy of the base model (default: load one)."""
+        refuse_zero3(base)
         if not self._verified:
             self._resolve(*((base, None) if base is not None else self._load_identified()))
         return self._resolved_factor_set()
@@ -198,6 +201,7 @@ class InitFunction:
         return self._loading.load_identified(self._model)
 
     def _resolve(self, base: nn.Module, checkpoint: dict[str, Any] | None) -> None:
+        refuse_zero3(base)
         if self._verified:
             return
         weights, fingerprints = self._reference_weights(base, checkpoint)
@@ -340,6 +344,7 @@ class InitFunction:
 
     def __call__(self, trial: Any = None) -> PeftModel:
         """Return a new `PeftModel` ready to train (`trial` from hyper-parameter search is accepted)."""
+        refuse_zero3()
         base, checkpoint = (self.load_base_model(), None) if self._verified else self._load_identified()
         self._resolve(base, checkpoint)
         model = wrap_with_factors(
