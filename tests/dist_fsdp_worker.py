@@ -3,9 +3,10 @@
 
 Every rank builds the model with `inilora_init` (the factor set computed across the ranks), shards it with FSDP2
 (`fully_shard` per decoder layer and at the root, gloo on CPU), takes one SGD step on its half of a 4-row batch,
-then both ranks call `to_merged` and `to_lora`. Rank 0 also saves the full state dict gathered by torch's own
-`get_model_state_dict(full_state_dict=True)` to `OUT/full_state.pt`. Every rank writes `OUT/rank-{rank}.json`:
-the sha256 of A, B and R of each LoRA layer before sharding, and the paths the exports returned.
+then both ranks call `to_merged` and `to_lora`, and `ExportCallback.on_train_end` (into `OUT/run/export`). Rank 0
+also saves the full state dict gathered by torch's own `get_model_state_dict(full_state_dict=True)` to
+`OUT/full_state.pt`. Every rank writes `OUT/rank-{rank}.json`: the sha256 of A, B and R of each LoRA layer before
+sharding, and the paths the exports returned.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from inilora_hf import inilora_init
+from inilora_hf import ExportCallback, inilora_init
 from inilora_hf.convert import to_lora, to_merged
 from tests.dist_worker import lora_hashes
 
@@ -49,6 +51,9 @@ def main(base: str, out: str, cache: str) -> None:
     optimizer.step()
     merged = to_merged(model, Path(out) / "merged")
     lora = to_lora(model, Path(out) / "lora")
+    # What the Trainer does at the end of training with this callback (it calls it on every rank).
+    args = TrainingArguments(output_dir=str(Path(out) / "run"), use_cpu=True, report_to=[])
+    ExportCallback().on_train_end(args, TrainerState(is_world_process_zero=rank == 0), TrainerControl(), model=model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full, Path(out) / "full_state.pt")

@@ -76,6 +76,9 @@ def test_fsdp_trains_and_exports_like_one_process(tiny_base_dir: Path, tmp_path:
     print(f"max |FSDP − one process| over the LoRA weights after one step: {worst:.3g}")
 
     merged = load_file(out / "merged" / "model.safetensors")
+    by_callback = load_file(out / "run" / "export" / "merged" / "model.safetensors")
+    assert by_callback.keys() == merged.keys() and all(torch.equal(by_callback[k], merged[k]) for k in merged)
+    assert (out / "run" / "export" / "lora" / "adapter_model.safetensors").is_file()
     adapter = load_file(out / "lora" / "adapter_model.safetensors")
     for name, layer in reference.named_modules():
         if not isinstance(layer, LoraLayer):
