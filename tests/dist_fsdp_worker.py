@@ -5,8 +5,9 @@ Every rank builds the model with `inilora_init` (the factor set computed across 
 (`fully_shard` per decoder layer and at the root, gloo on CPU), takes one SGD step on its half of a 4-row batch,
 then both ranks call `to_merged` and `to_lora`, and `ExportCallback.on_train_end` (into `OUT/run/export`). Rank 0
 also saves the full state dict gathered by torch's own `get_model_state_dict(full_state_dict=True)` to
-`OUT/full_state.pt`. Every rank writes `OUT/rank-{rank}.json`: the sha256 of A, B and R of each LoRA layer before
-sharding, and the paths the exports returned.
+`OUT/full_state.pt`, and the model with it as `Trainer.save_model` does under FSDP2 (`OUT/saved`). Every rank
+writes `OUT/rank-{rank}.json`: the sha256 of A, B and R of each LoRA layer before sharding, and the paths the
+exports returned.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def main(base: str, out: str, cache: str) -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full, Path(out) / "full_state.pt")
+        # Trainer.save_model under FSDP2: the full state dict gathered on every rank, saved by the main process.
+        model.save_pretrained(Path(out) / "saved", state_dict=full, is_main_process=True)
     record = {"rank": rank, "init": at_init, "merged": str(merged), "lora": str(lora)}
     (Path(out) / f"rank-{rank}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """FSDP2 on 2 CPU processes (gloo): every rank builds the same residual model, one SGD step on sharded
 parameters equals the same step in one process, and `to_merged` / `to_lora` of the sharded model gather the full
-tensors and write the same exports as torch's own full-state gather gives. DeepSpeed ZeRO-3 is refused."""
+tensors and write the same exports as torch's own full-state gather gives; what `Trainer.save_model` saves under
+FSDP2 reloads with `load_trained` to the same weights. DeepSpeed ZeRO-3 is refused."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-from inilora_hf import inilora_init
+from inilora_hf import inilora_init, load_trained
+from inilora_hf.convert import to_merged
 from inilora_hf.errors import UnsupportedShardingError
 from tests.dist_fsdp_worker import FIT_STEPS, LEARNING_RATE, batch
 from tests.helpers import FP32_UNIT_ROUNDOFF, REPO_ROOT, fp32_gamma, torchrun, torchrun_env
@@ -79,6 +81,13 @@ def test_fsdp_trains_and_exports_like_one_process(tiny_base_dir: Path, tmp_path:
     by_callback = load_file(out / "run" / "export" / "merged" / "model.safetensors")
     assert by_callback.keys() == merged.keys() and all(torch.equal(by_callback[k], merged[k]) for k in merged)
     assert (out / "run" / "export" / "lora" / "adapter_model.safetensors").is_file()
+    # What Trainer.save_model writes under FSDP2 reloads as the trained model, and exports to the same checkpoint.
+    reloaded = load_trained(out / "saved")
+    for key, parameter in reloaded.named_parameters():
+        if "lora_" in key or key.endswith("base_layer.weight"):
+            assert torch.equal(parameter.detach(), gathered[key]), key
+    again = load_file(to_merged(reloaded, tmp_path / "merged-again") / "model.safetensors")
+    assert again.keys() == merged.keys() and all(torch.equal(again[k], merged[k]) for k in merged)
     adapter = load_file(out / "lora" / "adapter_model.safetensors")
     for name, layer in reference.named_modules():
         if not isinstance(layer, LoraLayer):
