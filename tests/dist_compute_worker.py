@@ -1,11 +1,11 @@
 """One rank of the factor-set-across-ranks tests (`tests/test_distributed_compute.py`), run by
 `python -m torch.distributed.run --nproc_per_node=2 tests/dist_compute_worker.py MODE BASE OUT CACHE`.
 
-MODE `compute`: `inilora_init(...).prepare()` for `inilora` and for `lora-sb` (calibration rows below), plus the
-calibration gradients summed across ranks (rank 0 saves them to `OUT/gradients.pt`). MODE `die`: as `compute`, but
-rank 1 exits in the middle of its fit. MODE `disagree`: rank 1 asks for another LoRA rank. Every rank writes
-`OUT/rank-{rank}.json`: per factor set its source, sha256 per module factor, and `info["distributed"]`; or the
-error it raised and how long it took.
+MODE `compute`: `inilora_init(...).prepare()` for `inilora` (twice: the second is a cache hit) and for `lora-sb`
+(calibration rows below), plus the calibration gradients summed across ranks (rank 0 saves them to
+`OUT/gradients.pt`). MODE `die`: as `compute`, but rank 1 exits in the middle of its fit. MODE `disagree`: rank 1
+asks for another LoRA rank. Every rank writes `OUT/rank-{rank}.json`: per factor set its source, sha256 per
+module factor, and `info["distributed"]`; or the error it raised and how long it took.
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ def main(mode: str, base: str, out: str, cache: str) -> None:
         )
         inilora.prepare()
         record["inilora"] = describe(inilora)
+        again = inilora_init(base, variant="inilora", steps=INILORA_STEPS, cache_dir=cache)
+        again.prepare()  # a cache hit: rank 0 reads the entry and sends it to the others
+        record["inilora_again"] = describe(again)
         rows = calibration_rows()
         lora_sb = inilora_init(
             base,

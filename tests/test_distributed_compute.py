@@ -113,6 +113,10 @@ def test_rank_death_leaves_no_entry_and_a_rerun_equals_one_process(tiny_base_dir
     for kind in ("inilora", "lora_sb"):
         assert ranks[0][kind] == ranks[1][kind], f"{kind}: every rank ends with the same factor set"
         assert ranks[0][kind]["source"] == "computed"
+    key = next(entry.name for entry in entries if entry.name.startswith("inilora-"))
+    for record in ranks:  # the second init of the same config: a cache hit on every rank
+        assert record["inilora_again"]["source"] == f"cache:{key}"
+        assert record["inilora_again"]["factors"] == record["inilora"]["factors"]
     expected = inilora_init(tiny_base_dir, variant="inilora", steps=INILORA_STEPS, use_cache=False).prepare()
     [entry] = [e for e in entries if e.name.startswith("inilora-")]
     actual = FactorSet.from_pretrained(entry)

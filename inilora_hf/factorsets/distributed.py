@@ -360,9 +360,7 @@ def compute_across_ranks(
         kind, value = message
         if kind == "failed":
             raise value
-        if kind == "hit":
-            return FactorSet.from_pretrained(value, verify_checksums=False), f"cache:{key}"
-        return value, "computed"
+        return value, f"cache:{key}" if kind == "hit" else "computed"
 
     built: list[FactorSet] = []
 
@@ -379,8 +377,9 @@ def compute_across_ranks(
         with suppress(Exception):  # a dead rank makes this fail too; the original error is the one to report
             _announce(("failed", error))
         raise
-    if not built:
-        _announce(("hit", str(lookup.path)))
-        return FactorSet.from_pretrained(lookup.path, verify_checksums=False), f"cache:{key}"
+    if not built:  # sent to the other ranks, whose file systems need not hold rank 0's cache
+        factor_set = FactorSet.from_pretrained(lookup.path, verify_checksums=False)  # get_or_build verified it
+        _announce(("hit", factor_set))
+        return factor_set, f"cache:{key}"
     _announce(("done", built[0]))
     return built[0], "computed"
