@@ -26,7 +26,9 @@ from .errors import (
     FactorSetNotFoundError,
     HubAuthenticationError,
     OutputExistsError,
+    RankMismatchError,
     TargetModuleError,
+    UnsupportedShardingError,
 )
 
 # Public name → the module that defines it, imported when the name is first used.
@@ -79,8 +81,10 @@ __all__ = [
     "ModuleFactors",
     "OutputExistsError",
     "PushStandardCheckpointCallback",
+    "RankMismatchError",
     "SFTTrainer",
     "TargetModuleError",
+    "UnsupportedShardingError",
     "VariantInputs",
     "__version__",
     "available_variants",

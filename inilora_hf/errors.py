@@ -57,3 +57,13 @@ class VariantOptionError(ValueError):
 class CalibrationDataError(ValueError):
     """A data-driven variant got no calibration data, or data it cannot use (e.g. EVA would leave a target module
     with rank 0); the message says how to pass or change it."""
+
+
+class RankMismatchError(ValueError):
+    """The ranks of a distributed job were started with different arguments, base weights or calibration data, so
+    they would compute different factor sets: start every rank with the same ones."""
+
+
+class UnsupportedShardingError(ValueError):
+    """The model reaching the init is partitioned in a way inilora_hf cannot initialise (DeepSpeed ZeRO-3): use
+    DDP or FSDP, or ZeRO stage 1 or 2."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
+from torch import nn
 from transformers import (
     TrainerCallback,
     TrainerControl,
@@ -29,6 +30,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from inilora_hf.convert import to_lora, to_merged
+from inilora_hf.convert.sharded import is_sharded
 from inilora_hf.factorsets.report import InitReport
 
 from .log import get_logger
@@ -65,7 +67,8 @@ class ExportCallback(TrainerCallback):
 
     `checkpoint-N/export/merged/` loads with `AutoModelForCausalLM.from_pretrained`, and
     `checkpoint-N/export/lora/` with `PeftModel.from_pretrained(original_base, ...)`; the same two folders
-    are written to `output_dir/export/` when training ends. Only the world process zero writes.
+    are written to `output_dir/export/` when training ends. Only the world process zero writes (under FSDP every
+    rank takes part in gathering the shards).
 
     Args:
         merged: Write the merged checkpoint (`inilora_hf.convert.to_merged`).
@@ -98,7 +101,7 @@ class ExportCallback(TrainerCallback):
         return target
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if not (self.at_checkpoints and state.is_world_process_zero):
+        if not (self.at_checkpoints and _takes_part(state, kwargs["model"])):
             return
         checkpoint = run_dir(args, state) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not checkpoint.is_dir():
@@ -109,8 +112,14 @@ class ExportCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if state.is_world_process_zero:
+        if _takes_part(state, kwargs["model"]):
             self.export(kwargs["model"], run_dir(args, state), tokenizer=kwargs.get("processing_class"))
+
+
+def _takes_part(state: TrainerState, model: Any) -> bool:
+    """Whether this process runs an export: world process zero; under FSDP every rank, since the export gathers the
+    shards from all of them (rank 0 alone writes)."""
+    return state.is_world_process_zero or (isinstance(model, nn.Module) and is_sharded(model))
 
 
 def init_report_metrics(report: InitReport) -> dict[str, float]:
@@ -240,11 +249,18 @@ class PushStandardCheckpointCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not (args.push_to_hub and state.is_world_process_zero):
+        model = kwargs["model"]
+        if not (args.push_to_hub and _takes_part(state, model)):
+            return
+        if not state.is_world_process_zero:  # FSDP: take part in the gathers of the exports that rank 0 pushes
+            with tempfile.TemporaryDirectory(prefix="inilora-push-") as tmp:
+                if self.merged:
+                    to_merged(model, Path(tmp) / "merged", dtype=self.dtype)
+                if self.lora:
+                    to_lora(model, Path(tmp) / "lora")
             return
         # Trainer itself defaults to a repo named after the output directory, in the token owner's namespace.
         stem = args.hub_model_id or _output_dir(args).absolute().name
-        model = kwargs["model"]
         api = HfApi(endpoint=self.endpoint, token=args.hub_token)
         private = getattr(args, "hub_private_repo", None)
         factor_set = model.factor_set

@@ -65,6 +65,7 @@ def main(base: str, out: str, cache: str) -> None:
         "rank": args.process_index,
         "world_size": args.world_size,
         "factor_source": init.factor_source,
+        "distributed": init.factor_set.info.get("distributed") if init.factor_set is not None else None,
         "init": at_init,
         "trained": lora_hashes(trainer.model),
         "train_loss": result.training_loss,

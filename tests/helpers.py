@@ -1,10 +1,13 @@
-"""Helpers shared by test modules: a few plain training steps, logits, fp32 rounding bounds, and reloading exports
-in a process that never imports inilora_hf."""
+"""Helpers shared by test modules: a few plain training steps, logits, fp32 rounding bounds, reloading exports
+in a process that never imports inilora_hf, and 2-process `torchrun` launches."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +240,58 @@ def reload_exports_without_inilora(
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now (for torchrun's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a CPU/gloo torchrun test: this checkout importable, one thread per rank, offline."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json"),
+    }
+
+
+def torchrun(
+    *args: str, env: dict[str, str], nproc: int = 2, timeout_s: float = TORCHRUN_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """Run `torchrun --nproc_per_node=nproc ARGS` (a script, or `--module name ...`) in its own process group,
+    killed as a whole if it outlives `timeout_s`; stdout and stderr together in `.stdout`."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"torchrun did not finish within {timeout_s} s:\n{output[-6000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, output, "")

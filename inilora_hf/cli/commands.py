@@ -18,10 +18,12 @@ from inilora_hf.convert.export import load_checkpoint, to_lora, to_merged
 
 # `streaming.compute_streamed` is looked up at call time (tests substitute it).
 from inilora_hf.factorsets import streaming
+from inilora_hf.factorsets.distributed import launched_process_group
 from inilora_hf.factorsets.factor_set import FactorSet
 from inilora_hf.factorsets.fingerprint import out_in_shape
 from inilora_hf.factorsets.publish import download_factor_set
 from inilora_hf.factorsets.report import NO_STATISTIC, fit_table
+from inilora_hf.factorsets.streaming_ranks import compute_streamed_across_ranks
 from inilora_hf.variants.config import InitConfig
 
 from .demo import run_demo
@@ -52,7 +54,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compute(args: argparse.Namespace) -> int:
-    """`inilora-hf compute`: stream the factor set of `args.base` into `args.out`."""
+    """`inilora-hf compute`: stream the factor set of `args.base` into `args.out`; under `torchrun` every rank
+    computes a share and rank 0 writes it."""
     config = InitConfig(
         variant=args.variant,
         rank=args.rank,
@@ -63,17 +66,34 @@ def cmd_compute(args: argparse.Namespace) -> int:
         rank_pattern=dict(args.rank_pattern),
         alpha_pattern=dict(args.alpha_pattern),
     )
-    factor_set = streaming.compute_streamed(
-        args.base,
-        config,
-        args.out,
-        max_memory=args.max_memory,
-        device=args.device,
-        revision=args.revision,
-        work_dir=args.work_dir,
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {len(factor_set.factors)} modules to {args.out}")
+    with launched_process_group(device=args.device) as ranks:  # under torchrun: split across the ranks
+        if ranks is None:
+            factor_set = streaming.compute_streamed(
+                args.base,
+                config,
+                args.out,
+                max_memory=args.max_memory,
+                device=args.device,
+                revision=args.revision,
+                work_dir=args.work_dir,
+                overwrite=args.overwrite,
+            )
+            print(f"wrote {len(factor_set.factors)} modules to {args.out}")
+            return 0
+        if args.work_dir is not None:
+            raise ValueError("--work-dir is for resuming one process; drop it when running under torchrun.")
+        factor_set = compute_streamed_across_ranks(
+            ranks,
+            args.base,
+            config,
+            args.out,
+            max_memory=args.max_memory,
+            device=args.device,
+            revision=args.revision,
+            overwrite=args.overwrite,
+        )
+        if ranks.is_main:
+            print(f"wrote {len(factor_set.factors)} modules to {args.out} ({ranks.world_size} ranks)")
     return 0
 
 

@@ -40,6 +40,7 @@ from inilora_hf.training.init_metadata import CARD_NAME, model_dtype
 from .card import export_card
 from .lora import standard_lora
 from .merged import check_keys, merged_state_dict, plain_skeleton
+from .sharded import export_sharded, is_sharded
 from .trained import load_checkpoint, require_peft
 
 logger = get_logger(__name__)
@@ -91,6 +92,20 @@ def to_merged(
         >>> convert.to_merged("out/checkpoint-500", "out/merged-500", dtype="bfloat16")   # doctest: +SKIP
         >>> AutoModelForCausalLM.from_pretrained("out/merged")                   # doctest: +SKIP
     """
+    if isinstance(model, PeftModel) and is_sharded(model):  # FSDP: gather on every rank, write on rank 0
+        return export_sharded(
+            model,
+            lambda: to_merged(
+                model,
+                output_dir,
+                dtype=dtype,
+                tokenizer=tokenizer,
+                adapter_name=adapter_name,
+                base_model=base_model,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+            ),
+        )
     peft_model, tokenizer = _resolve(model, base_model=base_model, tokenizer=tokenizer)
     dtype = _as_dtype(dtype)
     base = peft_model.get_base_model()
@@ -140,6 +155,11 @@ def to_lora(
         >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), "out/lora")   # doctest: +SKIP
         >>> AutoPeftModelForCausalLM.from_pretrained("out/lora")   # loads the recorded base itself   # doctest: +SKIP
     """
+    if isinstance(model, PeftModel) and is_sharded(model):  # FSDP: gather on every rank, write on rank 0
+        return export_sharded(
+            model,
+            lambda: to_lora(model, output_dir, adapter_name=adapter_name, base_model=base_model, overwrite=overwrite),
+        )
     peft_model, _ = _resolve(model, base_model=base_model, tokenizer=None)
     state, config = standard_lora(peft_model, adapter_name=adapter_name)
     base = peft_model.get_base_model()

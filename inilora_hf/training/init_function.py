@@ -17,6 +17,7 @@ from inilora_hf.adapters.apply import wrap_with_factors
 from inilora_hf.adapters.quantized import layer_settings, quantization_ready
 from inilora_hf.factorsets.cache import get_or_build
 from inilora_hf.factorsets.compute import compute_factor_set, default_device
+from inilora_hf.factorsets.distributed import compute_across_ranks, current_ranks
 from inilora_hf.factorsets.factor_set import FactorSet
 from inilora_hf.factorsets.fingerprint import cache_key, model_key, weight_fingerprint
 from inilora_hf.factorsets.fingerprint_memo import target_fingerprints
@@ -29,6 +30,8 @@ from .calibration import CalibrationSource, calibrate, estimate_gradients
 from .calibration.peft_pass import peft_data_init
 from .init_metadata import attach_init_metadata
 from .loading import BaseModel, ModelLoading, base_model_name, check_base_model
+from .rank_gradients import estimate_gradients_across_ranks
+from .sharding import refuse_zero3
 
 logger = get_logger(__name__)
 
@@ -48,6 +51,8 @@ class FactorOptions:
         adapter_dtype: Quantized bases only: the dtype the LoRA factors train in.
         default_targets: `target_modules` was not given: a computed factor set targets PEFT's default modules for
             the base's model type (`default_target_modules`).
+        distributed: Split the computation across the ranks of an initialised process group of more than one
+            rank (every rank must then call it); False computes in this process alone.
 
     Example:
         >>> FactorOptions(use_cache=False, device="cpu").strict
@@ -63,6 +68,7 @@ class FactorOptions:
     refine_steps: int = 0
     adapter_dtype: str = "bfloat16"
     default_targets: bool = False
+    distributed: bool = True
 
 
 class InitFunction:
@@ -105,6 +111,7 @@ class InitFunction:
         lora_kwargs: dict[str, Any] | None = None,
     ) -> None:
         check_base_model(model)
+        refuse_zero3(model if isinstance(model, nn.Module) else None)
         self.config = config
         self.factor_set: FactorSet | None = factors if isinstance(factors, FactorSet) else None
         self._factors_source = None if isinstance(factors, FactorSet) else factors
@@ -180,6 +187,7 @@ class InitFunction:
         """Resolve the factor set (load the given one, or compute it) without building a PEFT model.
 
         `base`: an already-loaded, unmodified copy of the base model (default: load one)."""
+        refuse_zero3(base)
         if not self._verified:
             self._resolve(*((base, None) if base is not None else self._load_identified()))
         return self._resolved_factor_set()
@@ -197,6 +205,7 @@ class InitFunction:
         return self._loading.load_identified(self._model)
 
     def _resolve(self, base: nn.Module, checkpoint: dict[str, Any] | None) -> None:
+        refuse_zero3(base)
         if self._verified:
             return
         if self.factor_set is None and self._factors_source is not None:
@@ -266,6 +275,27 @@ class InitFunction:
             source = self._calibration if self._calibration.data is not None else self._default_calibration
             self.config, calibration = calibrate(self.config, source, base, default_eta=self._default_eta)
 
+        # PEFT's data passes run whole in one process (the others wait for it through the cache lock).
+        ranks = current_ranks() if self._options.distributed and not spec.peft_data_pass else None
+        if ranks is not None and self.config.quantization is None:
+            return compute_across_ranks(
+                ranks,
+                weights,
+                self.config,
+                fingerprints=fingerprints,
+                base_model=self.base_model_name,
+                base_revision=self.revision,
+                device=torch.device(self._options.device) if self._options.device is not None else default_device(),
+                gradients=None
+                if calibration is None
+                else lambda: estimate_gradients_across_ranks(
+                    ranks, base, calibration.batches, list(weights), sample_counts=calibration.sample_counts
+                ),
+                max_group_bytes=self._options.max_group_bytes,
+                use_cache=self._options.use_cache,
+                cache_dir=None if self._options.cache_dir is None else Path(self._options.cache_dir),
+            )
+
         def compute() -> FactorSet:
             config, harvested = self.config, None
             if spec.peft_data_pass and calibration is not None:
@@ -334,6 +364,7 @@ class InitFunction:
 
     def __call__(self, trial: Any = None) -> PeftModel:
         """Return a new `PeftModel` ready to train (`trial` from hyper-parameter search is accepted)."""
+        refuse_zero3()
         base, checkpoint = (self.load_base_model(), None) if self._verified else self._load_identified()
         self._resolve(base, checkpoint)
         model = wrap_with_factors(

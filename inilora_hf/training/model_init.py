@@ -55,6 +55,7 @@ def inilora_init(
     calibration_data: Any = None,
     calibration_samples: int | None = None,
     calibration_batch_size: int | None = None,
+    distributed: bool = True,
     **options: Any,
 ) -> InitFunction:
     """Create a `model_init` callable that returns a LoRA `PeftModel` initialised with `variant`.
@@ -103,6 +104,10 @@ def inilora_init(
         calibration_samples: Use exactly this many samples, the first ones in order (default: up to 64).
         calibration_batch_size: Rows per gradient batch for row data (default: the trainer's per-device batch
             size, else 8). Each batch's loss is divided by its sample count, as in LoRA-SB's code.
+        distributed: Under `torchrun` / `accelerate launch` (an initialised process group of more than one rank),
+            every rank computes a share of the target modules (and of the calibration batches) and rank 0 writes the
+            factor set once; every rank must then call the init. False: compute in this process alone (other
+            ranks wait for it through the cache).
         **options: Variant options, e.g. `steps=20000, lr=5e-4, seed=0` (inilora), `sigma=0.5`
             (inilora-alpha), `kaiming="uniform"` (inilora-beta), `eta=1e-5` (lora-sb: the first optimizer
             step's learning rate; `inilora_hf.SFTTrainer` derives it from its arguments when not given).
@@ -173,6 +178,7 @@ def inilora_init(
             refine_steps=refine_steps,
             adapter_dtype=adapter_dtype,
             default_targets=targets is None and factors is None,
+            distributed=distributed,
         ),
         calibration=CalibrationSource(calibration_data, calibration_samples, calibration_batch_size),
         lora_kwargs={"lora_dropout": lora_dropout, **(lora_config_kwargs or {})},
