@@ -21,6 +21,8 @@ from inilora_hf.variants.config import InitConfig
 from tests.conftest import tiny_llama
 from tests.dist_compute_worker import CALIBRATION_BATCH, INILORA_STEPS, calibration_rows
 from tests.helpers import FP32_UNIT_ROUNDOFF, REPO_ROOT, torchrun, torchrun_env
+from tests.test_conv1d import TARGETS as GPT2_TARGETS
+from tests.test_conv1d import tiny_gpt2
 
 WORKER = str(REPO_ROOT / "tests" / "dist_compute_worker.py")
 
@@ -93,6 +95,26 @@ def test_cli_compute_on_two_ranks_is_bit_identical_to_one_process(tiny_base_dir:
     _assert_bit_identical(actual, expected)
     assert actual.model_key == expected.model_key and actual.config == expected.config
     _assert_split(actual.info["distributed"], sorted(expected.factors))
+
+
+def test_cli_compute_on_two_ranks_reads_conv1d_layers_like_one_process(tmp_path: Path) -> None:
+    """GPT-2 stores Conv1D weights `in × out`: each rank fits the `out × in` view and records the layout."""
+    base = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(base)
+    out = tmp_path / "factors"
+    result = torchrun(
+        "--module", "inilora_hf.cli", "compute", str(base), "--out", str(out), "--variant", "inilora",
+        "--targets", ",".join(GPT2_TARGETS), "-o", f"steps={INILORA_STEPS}", "--device", "cpu",
+        env=torchrun_env(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:]
+
+    config = InitConfig("inilora", target_modules=tuple(GPT2_TARGETS), options={"steps": INILORA_STEPS})
+    expected = compute_streamed(base, config, tmp_path / "one", device="cpu")
+    actual = FactorSet.from_pretrained(out)
+    _assert_bit_identical(actual, expected)
+    assert actual.model_key == expected.model_key
+    assert {fp.get("layout") for fp in actual.fingerprints.values()} == {"conv1d"}
 
 
 def test_rank_death_leaves_no_entry_and_a_rerun_equals_one_process(tiny_base_dir: Path, tmp_path: Path) -> None:
