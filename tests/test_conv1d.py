@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from inilora_hf import InitConfig, inilora_init, load_trained
+from inilora_hf import FactorSet, InitConfig, inilora_init, load_trained
 from inilora_hf.cli.app import main
 from inilora_hf.cli.demo import char_tokenizer, demo_dataset
 from inilora_hf.errors import FactorSetMismatchError
@@ -161,3 +161,14 @@ def test_demo_runs_end_to_end_on_a_saved_tiny_gpt2(tmp_path: Path, capsys) -> No
         scale = float(merged(input_ids=INPUT_IDS % len(tokenizer)).logits.abs().max())
     assert diff <= TOLERANCE * scale
     assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)
+
+
+def test_cli_compute_targets_peft_default_for_the_model_type(gpt2_dir: Path, tmp_path: Path) -> None:
+    """Without --targets, `compute` targets what PEFT's `get_peft_model` would (c_attn for GPT-2), as inilora_init."""
+    assert main(["compute", str(gpt2_dir), "--out", str(tmp_path / "cli"), "--variant", "pissa", "--rank", "4"]) == 0
+    streamed = FactorSet.from_pretrained(tmp_path / "cli")
+    assert streamed.config.target_modules == ("c_attn",)
+    in_memory = inilora_init(gpt2_dir, variant="pissa", rank=4, use_cache=False).prepare()
+    assert sorted(streamed.factors) == sorted(in_memory.factors) == [f"transformer.h.{i}.attn.c_attn" for i in (0, 1)]
+    for name, factors in in_memory.factors.items():
+        torch.testing.assert_close(streamed.factors[name].lora_A, factors.lora_A, rtol=0, atol=1e-6)

@@ -108,7 +108,10 @@ def _add_init_arguments(parser: argparse.ArgumentParser) -> None:
         "--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r) instead of alpha/r"
     )
     parser.add_argument(
-        "--targets", default="q_proj,v_proj", help="comma-separated names of the target modules (default: %(default)s)"
+        "--targets",
+        default=None,
+        help="comma-separated names of the target modules, or all-linear (default: PEFT's default for the model "
+        "type, e.g. q_proj,v_proj for Llama, c_attn for GPT-2)",
     )
     for flag, field, default in (("--rank-pattern", "rank", "--rank"), ("--alpha-pattern", "alpha", "--lora-alpha")):
         parser.add_argument(

@@ -18,6 +18,7 @@ from inilora_hf.convert.export import load_checkpoint, to_lora, to_merged
 
 # `streaming.compute_streamed` is looked up at call time (tests substitute it).
 from inilora_hf.factorsets import streaming
+from inilora_hf.factorsets.checkpoint_files import checkpoint_default_targets, resolve_checkpoint
 from inilora_hf.factorsets.distributed import launched_process_group
 from inilora_hf.factorsets.factor_set import FactorSet
 from inilora_hf.factorsets.fingerprint import out_in_shape
@@ -56,12 +57,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compute(args: argparse.Namespace) -> int:
     """`inilora-hf compute`: stream the factor set of `args.base` into `args.out`; under `torchrun` every rank
     computes a share and rank 0 writes it."""
+    if args.targets is None:  # PEFT's default for the model type (the checkpoint is fetched once; compute reuses it)
+        targets: tuple[str, ...] | str = checkpoint_default_targets(
+            resolve_checkpoint(args.base, revision=args.revision)[0]
+        )
+    else:
+        targets = args.targets if args.targets == "all-linear" else tuple(args.targets.split(","))
     config = InitConfig(
         variant=args.variant,
         rank=args.rank,
         lora_alpha=args.lora_alpha,
         use_rslora=args.rslora,
-        target_modules=args.targets.split(","),
+        target_modules=targets,
         options=dict(args.option),
         rank_pattern=dict(args.rank_pattern),
         alpha_pattern=dict(args.alpha_pattern),

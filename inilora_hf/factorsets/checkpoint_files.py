@@ -31,7 +31,7 @@ from safetensors import safe_open
 from inilora_hf.errors import BaseModelNotFoundError
 from inilora_hf.hub.transport import snapshot_commit
 
-from .targets import CONV1D_LAYOUT
+from .targets import CONV1D_LAYOUT, peft_default_targets
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -183,6 +183,18 @@ def resolve_checkpoint(
             snapshot_download(text, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors"])
         )
     return snapshot, snapshot_commit(snapshot) or revision
+
+
+def checkpoint_default_targets(directory: Path) -> tuple[str, ...] | str:
+    """PEFT's default `target_modules` for the checkpoint in `directory` (by its `config.json`'s `model_type`).
+
+    Example:
+        >>> checkpoint_default_targets(resolve_checkpoint("openai-community/gpt2")[0])      # doctest: +SKIP
+        ('c_attn',)
+    """
+    config_file = directory / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    return peft_default_targets(model_type)
 
 
 def checkpoint_files(directory: Path) -> dict[str, Path]:

@@ -45,7 +45,16 @@ def default_target_modules(model: nn.Module) -> tuple[str, ...] | str:
         >>> default_target_modules(GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=16)))
         ('c_attn',)
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return peft_default_targets(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def peft_default_targets(model_type: str | None) -> tuple[str, ...] | str:
+    """PEFT's default `target_modules` for a transformers `model_type` (`config.json`'s), or `FALLBACK_TARGETS`.
+
+    Example:
+        >>> peft_default_targets("gpt_neox"), peft_default_targets("no-such-type")
+        (('query_key_value',), ('q_proj', 'v_proj'))
+    """
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
     if targets is None:
         return FALLBACK_TARGETS
