@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import Trainer, TrainingArguments
 
 RELOAD_SCRIPT = r"""
 import json, sys
@@ -295,3 +296,25 @@ def torchrun(
         output, _ = process.communicate()
         raise AssertionError(f"torchrun did not finish within {timeout_s} s:\n{output[-6000:]}") from None
     return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+def make_trainer(init: Any, output_dir: Path) -> Trainer:
+    """A `transformers.Trainer` over 16 random token rows of a tiny causal LM: 4 steps, a checkpoint every 2."""
+    rows = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(
+        str(output_dir),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return Trainer(model_init=init, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every LoRA tensor (`lora_` in the name) of `model`'s state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}

@@ -28,7 +28,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     Trainer,
-    TrainingArguments,
 )
 from trl import SFTConfig
 
@@ -40,6 +39,7 @@ from inilora_hf.factorsets.publish import push_factor_set
 from inilora_hf.trainer_callbacks import init_report_metrics
 from inilora_hf.training.calibration import calibration_set
 from tests import helpers
+from tests.helpers import lora_state, make_trainer
 from tests.test_convert import make_tiny_base
 from tests.test_quantized import CONFIGS
 
@@ -107,28 +107,8 @@ def make_init(variant: str, base_dir: Path, cache_dir: Path, rows: list[dict], *
     return inilora_init(str(base_dir), **{**kwargs, **overrides})
 
 
-def make_trainer(init, output_dir: Path) -> Trainer:
-    rows = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
-    args = TrainingArguments(
-        str(output_dir),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        seed=0,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    return Trainer(model_init=init, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
-
-
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
 @pytest.fixture(scope="module", params=VARIANTS)

@@ -21,7 +21,7 @@ import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 from inilora_hf import FactorSet, InitConfig, convert, get_variant, inilora_init
 from inilora_hf.cli.app import BUILTIN_VARIANTS, main
@@ -30,6 +30,7 @@ from inilora_hf.factorsets.streaming import compute_streamed
 from inilora_hf.training import init_function
 from inilora_hf.training.trained_model import load_trained
 from tests import helpers
+from tests.helpers import lora_state, make_trainer
 from tests.test_convert import make_tiny_base
 from tests.test_hub import BASE_ID, _upload_base_model
 
@@ -63,28 +64,8 @@ def make_init(variant: str, base_dir: Path, cache_dir: Path):
     )
 
 
-def make_trainer(init, output_dir: Path) -> Trainer:
-    rows = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
-    args = TrainingArguments(
-        str(output_dir),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        seed=0,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    return Trainer(model_init=init, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
-
-
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
