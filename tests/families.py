@@ -109,6 +109,15 @@ class Family:
 
 _DECODER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 _GQA = {**_DECODER, "num_key_value_heads": 2, "vocab_size": VOCAB}
+_ENCODER_DECODER = {
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+}
 
 FAMILIES: tuple[Family, ...] = (
     Family("Llama", "llama", "AutoModelForCausalLM", "causal", "CAUSAL_LM", _GQA),
@@ -192,13 +201,7 @@ FAMILIES: tuple[Family, ...] = (
         "seq2seq",
         "SEQ_2_SEQ_LM",
         {
-            "d_model": 64,
-            "encoder_layers": 2,
-            "decoder_layers": 2,
-            "encoder_attention_heads": 4,
-            "decoder_attention_heads": 4,
-            "encoder_ffn_dim": 128,
-            "decoder_ffn_dim": 128,
+            **_ENCODER_DECODER,
             "vocab_size": VOCAB,
             "max_position_embeddings": 64,
         },
@@ -218,13 +221,7 @@ FAMILIES: tuple[Family, ...] = (
         "speech",
         None,
         {
-            "d_model": 64,
-            "encoder_layers": 2,
-            "decoder_layers": 2,
-            "encoder_attention_heads": 4,
-            "decoder_attention_heads": 4,
-            "encoder_ffn_dim": 128,
-            "decoder_ffn_dim": 128,
+            **_ENCODER_DECODER,
             "num_mel_bins": 16,
             "max_source_positions": 8,
             "max_target_positions": 32,
