@@ -48,3 +48,8 @@ class PeftInitError(RuntimeError):
     """PEFT's own init did something the variant does not declare (it changed the base weight differently, or froze
     other factors), typically under a PEFT version whose init changed: pin the PEFT version the variant was checked
     with, or report it."""
+
+
+class CompareInputError(ValueError):
+    """An input of `inilora_hf.compare` is unusable: a missing dataset file or field, a baseline that is not among the
+    variants, or an output folder holding runs of a different configuration."""
