@@ -35,6 +35,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o644)  # mkstemp creates it private; results are ordinary files
         with os.fdopen(handle, "w") as stream:
             json.dump(value, stream, indent=1)
             stream.flush()
