@@ -263,15 +263,22 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     compare.add_argument(
         "--variants",
         type=_comma_list,
+        metavar="V1,V2,...",
         default=["lora", "inilora", "pissa"],
         help="comma-separated (default: lora,inilora,pissa)",
     )
-    compare.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
+    compare.add_argument(
+        "--seeds", type=_seed_list, metavar="S1,S2,...", default=[0, 1, 2], help="comma-separated (default: 0,1,2)"
+    )
     compare.add_argument("--baseline", default="lora", help="variant the others are tested against (default: lora)")
     compare.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     compare.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     compare.add_argument(
-        "--targets", type=_comma_list, default=["q_proj", "v_proj"], help="target modules (default: q_proj,v_proj)"
+        "--targets",
+        type=_comma_list,
+        metavar="M1,M2,...",
+        default=["q_proj", "v_proj"],
+        help="target modules (default: q_proj,v_proj)",
     )
     compare.add_argument("--learning-rate", type=float, default=1e-3, help="peak, linear decay (default: %(default)s)")
     compare.add_argument("--max-steps", type=int, default=100, help="training steps per run (default: %(default)s)")
