@@ -264,11 +264,11 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
         "--variants",
         type=_comma_list,
         metavar="V1,V2,...",
-        default=["lora", "inilora", "pissa"],
-        help="comma-separated (default: lora,inilora,pissa)",
+        default="lora,inilora,pissa",
+        help="comma-separated (default: %(default)s)",
     )
     compare.add_argument(
-        "--seeds", type=_seed_list, metavar="S1,S2,...", default=[0, 1, 2], help="comma-separated (default: 0,1,2)"
+        "--seeds", type=_seed_list, metavar="S1,S2,...", default="0,1,2", help="comma-separated (default: %(default)s)"
     )
     compare.add_argument("--baseline", default="lora", help="variant the others are tested against (default: lora)")
     compare.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
@@ -277,8 +277,8 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
         "--targets",
         type=_comma_list,
         metavar="M1,M2,...",
-        default=["q_proj", "v_proj"],
-        help="target modules (default: q_proj,v_proj)",
+        default="q_proj,v_proj",
+        help="target modules (default: %(default)s)",
     )
     compare.add_argument("--learning-rate", type=float, default=1e-3, help="peak, linear decay (default: %(default)s)")
     compare.add_argument("--max-steps", type=int, default=100, help="training steps per run (default: %(default)s)")
@@ -290,7 +290,9 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     evaluation.add_argument(
         "--eval-split", type=float, default=0.2, help="held-out fraction of --dataset (default: %(default)s)"
     )
-    evaluation.add_argument("--eval-dataset", default=None, help="evaluation data instead of --eval-split")
+    evaluation.add_argument(
+        "--eval-dataset", default=None, help="evaluation data instead of --eval-split (default: none)"
+    )
     compare.add_argument(
         "--option",
         "-o",
