@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -95,17 +96,22 @@ def main() -> None:
         **SHARED,
     )
     seconds = time.perf_counter() - started
+    selection_runs = [
+        json.loads(path.read_text()) for path in sorted((args.output_dir / "selection").glob("lr-*/runs/*.json"))
+    ]
+    run_minutes = sum(sum(run["seconds"].values()) for run in [*results["runs"], *selection_runs]) / 60
     counts = {name: f"{len(rows)} sentences, {len({r['movie'] for r in rows})} movies" for name, rows in splits.items()}
     train_seconds = [run["seconds"]["train"] / steps for run in results["runs"]]
     lines = [
         "# Init study: all-MiniLM-L6-v2 on Rotten Tomatoes sentences (split by movie)",
         "",
-        f"Command: `python -m benchmarks.study.run --threads {args.threads}{' --quick' if args.quick else ''}`; "
-        f"{header}.",
+        f"Command: `python -m benchmarks.study.run {' '.join(sys.argv[1:])}`; {header}.",
         f"Splits: {json.dumps(counts)}.",
         f"Selection of the learning rate on validation (seed 0, accuracy): {json.dumps(selection) or 'skipped'}; "
         f"chosen: {rate:g}.",
-        f"Total wall time {seconds / 60:.1f} min; training {min(train_seconds):.2f}–{max(train_seconds):.2f} s/step "
+        f"Time of the {len(results['runs']) + len(selection_runs)} runs (factors + training + evaluation, summed over "
+        f"the runs, including those of earlier invocations that this one resumed): {run_minutes:.1f} min; this "
+        f"invocation {seconds / 60:.1f} min. Training {min(train_seconds):.2f}–{max(train_seconds):.2f} s/step "
         f"(threads={args.threads}, machine shared with other jobs).",
         "",
         f"Claims to compare with: {PAPER}",
