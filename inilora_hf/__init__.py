@@ -34,6 +34,7 @@ from .errors import (
 # Public name → the module that defines it, imported when the name is first used.
 _LAZY_EXPORTS = {
     "load_trained": "training.trained_model",
+    "compare": "comparison",
     "InitConfig": "variants.config",
     "FactorSet": "factorsets.factor_set",
     "download_factor_set": "factorsets.publish",
@@ -53,6 +54,7 @@ _LAZY_EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from .comparison import compare
     from .factorsets.factor_set import FactorSet
     from .factorsets.publish import download_factor_set, push_factor_set
     from .factorsets.report import InitReport
@@ -88,6 +90,7 @@ __all__ = [
     "VariantInputs",
     "__version__",
     "available_variants",
+    "compare",
     "download_factor_set",
     "get_variant",
     "inilora_init",

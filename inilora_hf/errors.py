@@ -67,3 +67,8 @@ class RankMismatchError(ValueError):
 class UnsupportedShardingError(ValueError):
     """The model reaching the init is partitioned in a way inilora_hf cannot initialise (DeepSpeed ZeRO-3): use
     DDP or FSDP, or ZeRO stage 1 or 2."""
+
+
+class CompareInputError(ValueError):
+    """An input of `inilora_hf.compare` is unusable: a missing dataset file or field, a baseline that is not among the
+    variants, or an output folder holding runs of a different configuration."""

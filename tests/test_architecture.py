@@ -23,6 +23,7 @@ LAYERS = {
     "adapters": 3,
     "training": 4,
     "convert": 5,
+    "comparison": 5,
     "trainer_callbacks": 5,
     "cli": 6,
 }

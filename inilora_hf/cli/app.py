@@ -1,4 +1,4 @@
-"""The `inilora-hf` console script: demo, compute, inspect, push, pull, convert.
+"""The `inilora-hf` console script: demo, compute, inspect, push, pull, convert, compare.
 
 Importing this module is light (argparse, no torch): `--help`, argument errors and existing output folders are
 answered at once; the commands themselves (`inilora_hf.commands`, which loads torch, transformers and peft) are
@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from inilora_hf.log import set_verbosity
+from inilora_hf.log import get_logger, set_verbosity
 from inilora_hf.output_dirs import check_output_dir
 
 # The built-in variant names, listed in --help without importing the registry (which needs torch); a test keeps
@@ -85,6 +85,25 @@ def _parse_pattern(text: str) -> tuple[str, object]:
     return key, _parse_option(f"value={raw}")[1]
 
 
+def _parse_variant_option(text: str) -> tuple[str, str, object]:
+    """`variant.key=value` → (variant, key, value), value parsed as in `_parse_option`."""
+    name, _, option = text.partition(".")
+    if not name or "=" not in option:
+        raise argparse.ArgumentTypeError(f"Options are VARIANT.KEY=VALUE, e.g. inilora.steps=2000, got {text!r}.")
+    return (name, *_parse_option(option))
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Seeds are comma-separated integers, e.g. 0,1,2, got {text!r}.") from None
+
+
 def _variant_help(note: str = "") -> str:
     return f"init variant: {', '.join(BUILTIN_VARIANTS)} (default: %(default)s){note}"
 
@@ -144,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = _Parser(
         prog="inilora-hf",
-        description="LoRA-init factor sets: demo, compute, inspect, push, pull, convert.",
+        description="LoRA-init factor sets: demo, compute, inspect, push, pull, convert, compare.",
         epilog="`inilora-hf COMMAND --help` lists the options of a command with their defaults.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (the demo always does)")
@@ -241,7 +260,77 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-model", default=None, help="the original base model (default: the one recorded in the checkpoint)"
     )
     convert.set_defaults(handler="cmd_convert", outputs=("merged", "lora"))
+    _add_compare_parser(commands)
     return parser
+
+
+def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="fine-tune with several init variants × seeds, identically but for the init, and compare them",
+        description="Train every variant × seed with transformers.Trainer, evaluate on the same examples, and write "
+        "OUT/results.json, OUT/summary.md (mean ± std, paired Δ to the baseline with a 95 %% CI) and, with "
+        "matplotlib, OUT/loss.png and OUT/metric.png. A re-run with the same settings skips finished runs.",
+    )
+    compare.add_argument("--model", required=True, help="Hub id or directory of the base model and its tokenizer")
+    compare.add_argument(
+        "--dataset", required=True, help="a .jsonl/.json/.csv/.parquet file or a Hub dataset id (its train split)"
+    )
+    compare.add_argument("--output-dir", required=True, help="where runs/, results.json, summary.md, plots go")
+    compare.add_argument("--task", choices=("causal-lm", "seq-cls"), default="causal-lm", help="(default: %(default)s)")
+    compare.add_argument("--text-field", default="text", help="column with the text (default: %(default)s)")
+    compare.add_argument("--label-field", default="label", help="column with the class, seq-cls (default: %(default)s)")
+    compare.add_argument(
+        "--variants",
+        type=_comma_list,
+        metavar="V1,V2,...",
+        default="lora,inilora,pissa",
+        help="comma-separated (default: %(default)s)",
+    )
+    compare.add_argument(
+        "--seeds", type=_seed_list, metavar="S1,S2,...", default="0,1,2", help="comma-separated (default: %(default)s)"
+    )
+    compare.add_argument("--baseline", default="lora", help="variant the others are tested against (default: lora)")
+    compare.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    compare.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    compare.add_argument(
+        "--targets",
+        type=_comma_list,
+        metavar="M1,M2,...",
+        default="q_proj,v_proj",
+        help="target modules (default: %(default)s)",
+    )
+    compare.add_argument("--learning-rate", type=float, default=1e-3, help="peak, linear decay (default: %(default)s)")
+    compare.add_argument("--max-steps", type=int, default=100, help="training steps per run (default: %(default)s)")
+    compare.add_argument("--batch-size", type=int, default=16, help="training batch size (default: %(default)s)")
+    compare.add_argument(
+        "--max-length", type=int, default=128, help="truncate texts to this many tokens (default: %(default)s)"
+    )
+    evaluation = compare.add_mutually_exclusive_group()
+    evaluation.add_argument(
+        "--eval-split", type=float, default=0.2, help="held-out fraction of --dataset (default: %(default)s)"
+    )
+    evaluation.add_argument(
+        "--eval-dataset", default=None, help="evaluation data instead of --eval-split (default: none)"
+    )
+    compare.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        type=_parse_variant_option,
+        default=[],
+        metavar="VARIANT.KEY=VALUE",
+        help="variant option, repeatable, e.g. -o inilora.steps=2000 (default: the variant's own defaults; a "
+        "variant's `seed` is the run's seed)",
+    )
+    compare.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default: %(default)s)")
+    compare.add_argument(
+        "--cache-dir", default=None, help="factor-set cache (default: $INILORA_HF_CACHE, else $HF_HOME/inilora)"
+    )
+    compare.add_argument(
+        "--overwrite", action="store_true", help="delete the runs already in --output-dir and start over"
+    )
+    compare.set_defaults(handler="cmd_compare")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -271,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose or args.command == "demo":
         set_verbosity(logging.INFO)
+    elif args.command == "compare":  # a line per finished run, without the per-run init reports
+        get_logger("inilora_hf.comparison").setLevel(logging.INFO)
     if not args.verbose:
         # bitsandbytes warns on import, through an unconfigured logger (so on stderr), that an optional CPU kernel
         # package is missing; it would turn every one-line error into two lines. Shown with -v.

@@ -13,7 +13,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from inilora_hf.comparison import compare
 from inilora_hf.convert.export import load_checkpoint, to_lora, to_merged
 
 # `streaming.compute_streamed` is looked up at call time (tests substitute it).
@@ -153,4 +155,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(to_merged(model, args.merged, dtype=args.dtype, tokenizer=tokenizer, overwrite=args.overwrite))
     if args.lora:
         print(to_lora(model, args.lora, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """`inilora-hf compare`: run `inilora_hf.compare` and print the summary table and the output paths."""
+    options: dict[str, dict[str, object]] = {}
+    for variant, key, value in args.option:
+        options.setdefault(variant, {})[key] = value
+    compare(
+        args.model,
+        args.dataset,
+        variants=args.variants,
+        seeds=args.seeds,
+        output_dir=args.output_dir,
+        task=args.task,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        eval_dataset=args.eval_dataset,
+        eval_split=args.eval_split,
+        baseline=args.baseline,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        target_modules=args.targets,
+        learning_rate=args.learning_rate,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        options=options,
+        resamples=args.resamples,
+        cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
+    )
+    print((Path(args.output_dir) / "summary.md").read_text())
+    print(f"results: {Path(args.output_dir) / 'results.json'}")
     return 0

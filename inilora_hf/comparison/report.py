@@ -1,0 +1,151 @@
+"""What a comparison reports: the per-variant summary, the paired differences to the baseline, `summary.md`, and
+`loss.png` / `metric.png` when matplotlib is installed (`pip install "inilora_hf[plots]"`).
+
+Example:
+    >>> summary = summarize_runs(runs, metrics=["accuracy", "eval_loss"])                 # doctest: +SKIP
+    >>> summary["pissa"]["accuracy"]["n"]                                                 # doctest: +SKIP
+    5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inilora_hf.log import get_logger
+
+from .statistics import paired_bootstrap, summarize
+
+Figure: Any  # matplotlib's Figure class, or None without the optional `plots` extra
+try:
+    from matplotlib.figure import Figure
+except ImportError:
+    Figure = None
+
+logger = get_logger(__name__)
+PLOTS_HINT = 'matplotlib is not installed: no loss.png / metric.png. Get them with `pip install "inilora_hf[plots]"`.'
+
+
+def _by_variant(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault(run["variant"], []).append(run)
+    return {variant: sorted(group, key=lambda run: run["seed"]) for variant, group in grouped.items()}
+
+
+def summarize_runs(runs: Sequence[dict[str, Any]], *, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`{variant: {metric: {"mean", "std", "n"}}}` over the seeds of each variant."""
+    return {
+        variant: {metric: summarize([run["metrics"][metric] for run in group]) for metric in metrics}
+        for variant, group in _by_variant(runs).items()
+    }
+
+
+def paired_to_baseline(
+    runs: Sequence[dict[str, Any]], *, baseline: str, metrics: Sequence[str], resamples: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """`{variant: {metric: paired_bootstrap(...)}}` of each variant against `baseline`, over the seeds both have."""
+    grouped = _by_variant(runs)
+    reference = {run["seed"]: run for run in grouped.get(baseline, [])}
+    paired: dict[str, dict[str, Any]] = {}
+    for variant, group in grouped.items():
+        pairs = [(run, reference[run["seed"]]) for run in group if run["seed"] in reference]
+        if variant == baseline or not pairs:
+            continue
+        paired[variant] = {
+            metric: {
+                **paired_bootstrap(
+                    [_parts(run, metric) for run, _ in pairs],
+                    [_parts(base, metric) for _, base in pairs],
+                    resamples=resamples,
+                    seed=seed,
+                ),
+                "seeds": [run["seed"] for run, _ in pairs],
+            }
+            for metric in metrics
+        }
+    return paired
+
+
+def _parts(run: dict[str, Any], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    values = run["per_example"][metric]
+    return np.asarray(values["num"], dtype=np.float64), np.asarray(values["den"], dtype=np.float64)
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _p_value(value: float) -> str:
+    return f"{value:.3f}" if value >= 0.001 else "< 0.001"
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The table a person reads: per variant and metric, mean ± std over seeds (n), and Δ to the baseline with its
+    95 % interval and p-value."""
+    config, summary, paired = results["config"], results["summary"], results["paired"]
+    baseline, metrics = config["baseline"], config["metrics"]
+    lines = [
+        f"# Comparison on {config['model']}",
+        "",
+        f"{config['task']}, r = {config['rank']} on {', '.join(config['target_modules'])}, {config['max_steps']} "
+        f"steps, batch {config['batch_size']}, learning rate {config['learning_rate']}, seeds "
+        f"{', '.join(map(str, config['seeds']))}; {config['eval_examples']} eval examples. Baseline: {baseline}.",
+        "",
+    ]
+    header = ["variant"]
+    for metric in metrics:
+        header += [f"{metric} (mean ± std)", f"Δ {metric} [95 % CI]", "p"]
+    lines += ["| " + " | ".join([*header, "n"]) + " |", "|" + "---|" * (len(header) + 1)]
+    for variant, values in summary.items():
+        row = [variant]
+        for metric in metrics:
+            stats = values[metric]
+            row.append(f"{_number(stats['mean'])} ± {_number(stats['std'])}")
+            pair = paired.get(variant, {}).get(metric)
+            if pair is None:
+                row += ["(baseline)" if variant == baseline else "–", "–"]
+            else:
+                low, high = pair["ci95"]
+                row += [f"{pair['delta_mean']:+.4f} [{low:+.4f}, {high:+.4f}]", _p_value(pair["p_value"])]
+        lines.append("| " + " | ".join([*row, str(values[metrics[0]]["n"])]) + " |")
+    lines += ["", f"Test: {results['test']}.", ""]
+    if Figure is None:
+        lines += [PLOTS_HINT, ""]
+    else:
+        lines += ["Plots: `loss.png` (training loss, mean over seeds with a min–max band), `metric.png`.", ""]
+    return "\n".join(lines)
+
+
+def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
+    """`loss.png` and `metric.png` in `folder`; none (and a log line saying how to get them) without matplotlib."""
+    if Figure is None:
+        logger.warning(PLOTS_HINT)
+        return []
+    grouped = _by_variant(results["runs"])
+    loss_figure = Figure(figsize=(7, 4.5))
+    axes = loss_figure.subplots()
+    for variant, group in grouped.items():
+        steps = np.array([entry["step"] for entry in group[0]["history"]])
+        losses = np.array([[entry["loss"] for entry in run["history"]] for run in group])
+        axes.plot(steps, losses.mean(axis=0), label=variant)
+        axes.fill_between(steps, losses.min(axis=0), losses.max(axis=0), alpha=0.2)
+    axes.set(xlabel="step", ylabel="training loss", title="Training loss (mean over seeds, min–max band)")
+    axes.legend()
+    metric = results["config"]["metrics"][0]
+    metric_figure = Figure(figsize=(7, 4.5))
+    axes = metric_figure.subplots()
+    for position, group in enumerate(grouped.values()):
+        values = [run["metrics"][metric] for run in group]
+        axes.scatter(np.full(len(values), position), values, alpha=0.6)
+        axes.hlines(np.mean(values), position - 0.3, position + 0.3, color="black")
+    axes.set_xticks(range(len(grouped)), list(grouped), rotation=30)
+    axes.set(ylabel=metric, title=f"Final {metric} per seed (line: mean)")
+    paths = [folder / "loss.png", folder / "metric.png"]
+    for figure, path in zip((loss_figure, metric_figure), paths, strict=True):
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+    return paths
