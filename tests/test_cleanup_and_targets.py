@@ -39,7 +39,24 @@ TARGETS = ["q_proj", "v_proj"]
 STEPS = 10_000
 WAIT_S = 180
 
-STREAM_SCRIPT = """
+# Each group's fit is followed by a 3 s pause before its result is saved, so that the interrupt lands inside
+# a group even when a loaded machine starves the test's polling loop (the factors are unchanged).
+SLOW_GROUPS = """
+import time
+from inilora_hf.factorsets import compute, streaming
+def _then_pause(run):
+    def paused(*args, **kwargs):
+        factors = run(*args, **kwargs)
+        time.sleep(3)
+        return factors
+    return paused
+streaming.run_variant = _then_pause(streaming.run_variant)
+compute.run_variant = _then_pause(compute.run_variant)
+"""
+
+STREAM_SCRIPT = (
+    SLOW_GROUPS
+    + """
 import sys
 from inilora_hf import InitConfig
 from inilora_hf.factorsets.streaming import compute_streamed
@@ -47,13 +64,17 @@ base, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config = InitConfig("inilora", rank=4, target_modules=["q_proj", "v_proj"], options={"steps": steps})
 compute_streamed(base, config, out, max_memory=1, device="cpu")
 """
+)
 
-INIT_SCRIPT = """
+INIT_SCRIPT = (
+    SLOW_GROUPS
+    + """
 import sys
 from inilora_hf import inilora_init
 base, cache, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 inilora_init(base, variant="inilora", rank=4, steps=steps, device="cpu", cache_dir=cache).prepare()
 """
+)
 
 
 def _config(variant: str = "inilora", **options) -> InitConfig:
