@@ -318,3 +318,11 @@ def make_trainer(init: Any, output_dir: Path) -> Trainer:
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every LoRA tensor (`lora_` in the name) of `model`'s state dict."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def assert_same_lora_state(model: torch.nn.Module, other: torch.nn.Module) -> None:
+    """Every LoRA tensor of the two models is bit-identical (e.g. a run and its resume)."""
+    straight, resumed = lora_state(model), lora_state(other)
+    assert sorted(straight) == sorted(resumed)
+    for key, tensor in straight.items():
+        assert torch.equal(tensor, resumed[key]), key

@@ -260,10 +260,7 @@ def test_load_trained_rebuilds_the_trained_model(run: dict) -> None:
 
 
 def test_resume_continues_the_run_exactly(run: dict) -> None:
-    straight, resumed = lora_state(run["trainer"].model), lora_state(run["resumed"].model)
-    assert sorted(straight) == sorted(resumed)
-    for key, tensor in straight.items():
-        assert torch.equal(tensor, resumed[key]), key
+    helpers.assert_same_lora_state(run["trainer"].model, run["resumed"].model)
 
 
 # ------------------------------------------------------------------------------------------------ errors

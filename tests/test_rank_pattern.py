@@ -30,7 +30,7 @@ from inilora_hf.factorsets.streaming import compute_streamed
 from inilora_hf.training import init_function
 from inilora_hf.training.trained_model import load_trained
 from tests import helpers
-from tests.helpers import lora_state, make_trainer
+from tests.helpers import make_trainer
 from tests.test_convert import make_tiny_base
 from tests.test_hub import BASE_ID, _upload_base_model
 
@@ -191,10 +191,7 @@ def test_load_trained_rebuilds_the_trained_model(run: dict) -> None:
 
 
 def test_resume_continues_the_run_exactly(run: dict) -> None:
-    straight, resumed = lora_state(run["trainer"].model), lora_state(run["resumed"].model)
-    assert sorted(straight) == sorted(resumed)
-    for key, tensor in straight.items():
-        assert torch.equal(tensor, resumed[key]), key
+    helpers.assert_same_lora_state(run["trainer"].model, run["resumed"].model)
 
 
 @pytest.mark.parametrize("variant", sorted(HASHES_BEFORE_PATTERNS))

@@ -75,31 +75,18 @@ def cmd_compute(args: argparse.Namespace) -> int:
         rank_pattern=dict(args.rank_pattern),
         alpha_pattern=dict(args.alpha_pattern),
     )
+    common = {"max_memory": args.max_memory, "device": args.device, "revision": args.revision}
     with launched_process_group(device=args.device) as ranks:  # under torchrun: split across the ranks
         if ranks is None:
             factor_set = streaming.compute_streamed(
-                args.base,
-                config,
-                args.out,
-                max_memory=args.max_memory,
-                device=args.device,
-                revision=args.revision,
-                work_dir=args.work_dir,
-                overwrite=args.overwrite,
+                args.base, config, args.out, work_dir=args.work_dir, overwrite=args.overwrite, **common
             )
             print(f"wrote {len(factor_set.factors)} modules to {args.out}")
             return 0
         if args.work_dir is not None:
             raise ValueError("--work-dir is for resuming one process; drop it when running under torchrun.")
         factor_set = compute_streamed_across_ranks(
-            ranks,
-            args.base,
-            config,
-            args.out,
-            max_memory=args.max_memory,
-            device=args.device,
-            revision=args.revision,
-            overwrite=args.overwrite,
+            ranks, args.base, config, args.out, overwrite=args.overwrite, **common
         )
         if ranks.is_main:
             print(f"wrote {len(factor_set.factors)} modules to {args.out} ({ranks.world_size} ranks)")
