@@ -99,6 +99,10 @@ def test_deepspeed_zero3_trains_and_exports_like_one_process(tiny_base_dir: Path
         )
         carried = scaling * (dB @ A1.abs() + B1.abs() @ dA + dB @ dA)
         assert _close(merged_step[f"{name}.weight"], exact, rounding + carried), name
+    # The checkpoint itself (adapter + init metadata, as the Trainer saved it under ZeRO-3) exports the same.
+    from_checkpoint = load_file(to_merged(checkpoint, tmp_path / "merged-1") / "model.safetensors")
+    assert from_checkpoint.keys() == merged_step.keys()
+    assert all(torch.equal(from_checkpoint[k], merged_step[k]) for k in merged_step)
 
     # Two steps were taken; `trainer.save_model` and the exports after them agree, and reload with `load_trained`.
     final = load_file(out / "run" / "checkpoint-2" / "adapter_model.safetensors")
