@@ -8,7 +8,8 @@ call `to_merged` (`OUT/merged-init`); then two SGD steps of the 4-row batch (2 r
 into `checkpoint-N/export/`); then `to_merged` / `to_lora`
 (`OUT/merged`, `OUT/lora`) and `trainer.save_model(OUT/saved)`. Every rank writes `OUT/rank-{rank}.json` with the
 paths the exports returned, whether the base weights were partitioned at init, and the error `inilora_init`
-raises for a loaded model that ZeRO-3 partitioned.
+raises for a loaded model that ZeRO-3 partitioned. With a 4th argument `resume`, a second run resumes from
+`OUT/run/checkpoint-1` into `OUT/resumed` (accelerate takes one DeepSpeed plugin per process).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -45,16 +47,10 @@ def batch() -> torch.Tensor:
     return torch.randint(4, VOCAB_SIZE, (ROWS, SEQ_LEN), generator=torch.Generator().manual_seed(3))
 
 
-def main(base: str, out: str, cache: str) -> None:
-    torch.set_num_threads(1)
-    ids = batch().tolist()
-    # Without an accelerator, accelerate's PartialState picks no backend for DeepSpeed and runs one process per rank
-    # (world size 1); configured first with gloo (DeepSpeed initialises torch.distributed with it), the Trainer
-    # uses that state: 2 processes, DistributedType.DEEPSPEED.
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
-    args = TrainingArguments(
-        output_dir=str(Path(out) / "run"),
+def zero3_arguments(output_dir: Path) -> TrainingArguments:
+    """Two SGD steps of 2 rows per rank under ZeRO-3, a checkpoint after each."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
         deepspeed=ZERO3,
         per_device_train_batch_size=ROWS // 2,
         max_steps=2,
@@ -68,13 +64,37 @@ def main(base: str, out: str, cache: str) -> None:
         seed=0,
         accelerator_config={"use_configured_state": True},
     )
-    trainer = Trainer(
+
+
+def zero3_trainer(base: str, output_dir: Path, cache: str, **kwargs: Any) -> Trainer:
+    """The Trainer on the 4-row batch with `model_init=inilora_init(base, variant="pissa")` under ZeRO-3 (one per
+    process: accelerate accepts one DeepSpeed plugin per process)."""
+    torch.set_num_threads(1)
+    # Without an accelerator, accelerate's PartialState picks no backend for DeepSpeed and runs one process per rank
+    # (world size 1); configured first with gloo (DeepSpeed initialises torch.distributed with it), the Trainer
+    # uses that state: 2 processes, DistributedType.DEEPSPEED.
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    ids = batch().tolist()
+    return Trainer(
         model_init=inilora_init(base, variant="pissa", rank=RANK, cache_dir=cache),
-        args=args,
+        args=zero3_arguments(output_dir),
         train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
         data_collator=default_data_collator,
-        callbacks=[ExportCallback()],  # gathers the partitions at every checkpoint: checkpoint-N/export/
+        **kwargs,
     )
+
+
+def resume(base: str, out: str, cache: str) -> None:
+    """Resume from `OUT/run/checkpoint-1` (DeepSpeed's partitioned weights and optimizer state) into
+    `OUT/resumed`."""
+    trainer = zero3_trainer(base, Path(out) / "resumed", cache)
+    trainer.train(resume_from_checkpoint=str(Path(out) / "run" / "checkpoint-1"))
+
+
+def main(base: str, out: str, cache: str) -> None:
+    # ExportCallback gathers the partitions at every checkpoint: checkpoint-N/export/.
+    trainer = zero3_trainer(base, Path(out) / "run", cache, callbacks=[ExportCallback()])
     partitioned = all(hasattr(p, "ds_id") for n, p in trainer.model.named_parameters() if "base_layer" in n)
     merged_init = to_merged(trainer.model, Path(out) / "merged-init")
     trainer.train()
@@ -99,4 +119,4 @@ def main(base: str, out: str, cache: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    (resume if sys.argv[4:] == ["resume"] else main)(*sys.argv[1:4])

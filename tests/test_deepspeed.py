@@ -2,7 +2,8 @@
 args=TrainingArguments(deepspeed=ZeRO-3))` partitions the base as it loads; the init reads the gathered W0 and
 writes the residual into the partitions, so the model at init is the base model; one Trainer step equals the same
 SGD step in one process within fp32 reduction-order rounding, and so do the exports `ExportCallback` gathers at
-the checkpoint; what `trainer.save_model` saves reloads with `load_trained` and exports to the same checkpoint.
+the checkpoint; what `trainer.save_model` saves reloads with `load_trained` and exports to the same checkpoint, and
+resuming from a checkpoint takes the same next step.
 What ZeRO-3 cannot run (quantized bases, data-driven variants, an already partitioned loaded model) is refused with
 `UnsupportedShardingError`."""
 
@@ -118,6 +119,12 @@ def test_deepspeed_zero3_trains_and_exports_like_one_process(tiny_base_dir: Path
     reloaded = load_trained(out / "saved")
     again = load_file(to_merged(reloaded, tmp_path / "merged-again") / "model.safetensors")
     assert again.keys() == merged.keys() and all(torch.equal(again[k], merged[k]) for k in merged)
+
+    # Resuming from checkpoint-1 (a second run: DeepSpeed's partitions and optimizer state) takes the same step 2.
+    result = torchrun(WORKER, str(tiny_base_dir), str(out), str(tmp_path / "cache"), "resume", env=env)
+    assert result.returncode == 0, result.stdout[-6000:]
+    resumed = load_file(out / "resumed" / "checkpoint-2" / "adapter_model.safetensors")
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
 
 
 @pytest.fixture
