@@ -81,7 +81,9 @@ def test_deepspeed_zero3_trains_and_exports_like_one_process(tiny_base_dir: Path
         assert _close(saved_step[plain], stepped[key].detach().double(), tolerances[key]), plain
         own = exported[plain][:RANK] if ".lora_A." in key else exported[plain][:, :RANK]
         assert torch.equal(own, saved_step[plain]), plain
-    for name, (A0, B0) in initial.items():  # to_lora's second half: the init factors, as one process computes them
+    # to_lora's second half: the init factors, bit-identical to one process's (both compute pissa's SVD on one
+    # thread: the suite's `single_torch_thread`, the worker's `set_num_threads(1)`).
+    for name, (A0, B0) in initial.items():
         assert torch.equal(exported[f"base_model.model.{name}.lora_A.weight"][RANK:].double(), A0), name
         assert torch.equal(exported[f"base_model.model.{name}.lora_B.weight"][:, RANK:].double(), -B0), name
 
