@@ -81,8 +81,8 @@ def check_zero3_support(loaded: nn.Module | None = None, *, data_driven: bool = 
     if data_driven:
         raise UnsupportedShardingError(
             "Data-driven variants run a calibration pass through the base model, which DeepSpeed ZeRO-3 "
-            f"partitions outside its engine. {fix}, or compute the factor set first (`inilora-hf compute`) and "
-            "pass it with factors=."
+            f"partitions outside its engine. {fix}, or compute the factor set first in a process without ZeRO-3 "
+            "(`inilora_init(...).prepare().save_pretrained(directory)`) and pass it with factors=directory."
         )
     if partitioned:
         raise UnsupportedShardingError(
