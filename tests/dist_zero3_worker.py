@@ -4,12 +4,14 @@
 `transformers.Trainer(model_init=inilora_init(BASE, variant="pissa"), args=TrainingArguments(deepspeed=ZeRO-3))`:
 the Trainer's ZeRO-3 config makes `from_pretrained` partition the base as it loads. Right after the init both ranks
 call `to_merged` (`OUT/merged-init`); then two SGD steps of the 4-row batch (2 rows per rank), saving
-`checkpoint-1` and `checkpoint-2` (adapter + init metadata, gathered by the Trainer; `ExportCallback` exports
-into `checkpoint-N/export/`); then `to_merged` / `to_lora`
-(`OUT/merged`, `OUT/lora`) and `trainer.save_model(OUT/saved)`. Every rank writes `OUT/rank-{rank}.json` with the
-paths the exports returned, whether the base weights were partitioned at init, and the error `inilora_init`
-raises for a loaded model that ZeRO-3 partitioned. With a 4th argument `resume`, a second run resumes from
-`OUT/run/checkpoint-1` into `OUT/resumed` (accelerate takes one DeepSpeed plugin per process).
+`checkpoint-1` and `checkpoint-2` (adapter + init metadata, gathered by the Trainer; `ExportCallback` exports into
+`checkpoint-N/export/`); then `to_merged` / `to_lora` (`OUT/merged`, `OUT/lora`) and
+`trainer.save_model(OUT/saved)`. Every rank writes `OUT/rank-{rank}.json` with the paths the exports returned,
+whether the base weights were partitioned at init, the error `inilora_init` raises for a loaded model that ZeRO-3
+partitioned, and the error of `to_merged` once no ZeRO-3 config is active.
+
+With a 4th argument `resume`, a second run resumes from `OUT/run/checkpoint-1` into `OUT/resumed` (accelerate
+takes one DeepSpeed plugin per process).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from inilora_hf import ExportCallback, inilora_init
 from inilora_hf.convert import to_lora, to_merged
@@ -106,6 +109,12 @@ def main(base: str, out: str, cache: str) -> None:
         refusal = ""
     except UnsupportedShardingError as error:
         refusal = str(error)
+    unset_hf_deepspeed_config()  # as once the Trainer and its arguments are gone: the partitions cannot be gathered
+    try:
+        to_merged(trainer.model, Path(out) / "merged-late")
+        late = ""
+    except UnsupportedShardingError as error:
+        late = str(error)
     record = {
         "rank": trainer.args.process_index,
         "world_size": trainer.args.world_size,
@@ -114,6 +123,7 @@ def main(base: str, out: str, cache: str) -> None:
         "merged": str(merged),
         "lora": str(lora),
         "partitioned_model_refused": refusal,
+        "export_without_config_refused": late,
     }
     (Path(out) / f"rank-{trainer.args.process_index}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 

@@ -45,6 +45,8 @@ def test_deepspeed_zero3_trains_and_exports_like_one_process(tiny_base_dir: Path
     for kind in ("merged_init", "merged", "lora"):
         assert [r[kind] for r in ranks] == [str(out / kind.replace("_", "-"))] * 2, "every rank returns the export"
     assert all("already DeepSpeed ZeRO-3 partitioned" in r["partitioned_model_refused"] for r in ranks)
+    assert all("no ZeRO-3 config is active any more" in r["export_without_config_refused"] for r in ranks)
+    assert not (out / "merged-late").exists()
 
     base = load_file(tiny_base_dir / "model.safetensors")  # W0, as saved
     reference = inilora_init(tiny_base_dir, variant="pissa", rank=RANK, use_cache=False)()
