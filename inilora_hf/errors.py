@@ -65,8 +65,8 @@ class RankMismatchError(ValueError):
 
 
 class UnsupportedShardingError(ValueError):
-    """The model reaching the init is partitioned in a way inilora_hf cannot initialise (DeepSpeed ZeRO-3): use
-    DDP or FSDP, or ZeRO stage 1 or 2."""
+    """What the init cannot do under DeepSpeed ZeRO-3 (a bitsandbytes-quantized base, a data-driven variant still to
+    compute, an already partitioned loaded model): use DDP, FSDP or ZeRO stage 1 or 2, or the fix the message names."""
 
 
 class CompareInputError(ValueError):

@@ -67,8 +67,8 @@ class ExportCallback(TrainerCallback):
 
     `checkpoint-N/export/merged/` loads with `AutoModelForCausalLM.from_pretrained`, and
     `checkpoint-N/export/lora/` with `PeftModel.from_pretrained(original_base, ...)`; the same two folders
-    are written to `output_dir/export/` when training ends. Only the world process zero writes (under FSDP every
-    rank takes part in gathering the shards).
+    are written to `output_dir/export/` when training ends. Only the world process zero writes (under FSDP or
+    DeepSpeed ZeRO-3 every rank takes part in gathering the shards).
 
     Args:
         merged: Write the merged checkpoint (`inilora_hf.convert.to_merged`).
@@ -117,8 +117,8 @@ class ExportCallback(TrainerCallback):
 
 
 def _takes_part(state: TrainerState, model: Any) -> bool:
-    """Whether this process runs an export: world process zero; under FSDP every rank, since the export gathers the
-    shards from all of them (rank 0 alone writes)."""
+    """Whether this process runs an export: world process zero; under FSDP or DeepSpeed ZeRO-3 every rank, since the
+    export gathers the shards from all of them (rank 0 alone writes)."""
     return state.is_world_process_zero or (isinstance(model, nn.Module) and is_sharded(model))
 
 

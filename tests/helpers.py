@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import Trainer, TrainingArguments
 
 RELOAD_SCRIPT = r"""
@@ -65,6 +66,49 @@ def fp32_gamma(n: int) -> float:
     """Higham's γ_n = n·u / (1 − n·u): the relative error bound of n chained fp32 roundings, e.g. of a length-n dot
     product against Σ|x_i·y_i|."""
     return n * FP32_UNIT_ROUNDOFF / (1 - n * FP32_UNIT_ROUNDOFF)
+
+
+def sgd_step_with_magnitudes(
+    model: torch.nn.Module, ids: torch.Tensor, learning_rate: float
+) -> tuple[dict[str, torch.Tensor], int]:
+    """One SGD step of `model` on the batch `ids` (the ids are the labels); returns, per LoRA weight,
+    Σ_t |∂L/∂y_t| |x_t|ᵀ (float64: the magnitude its gradient's sum over tokens is rounded against) and the number
+    of tokens summed."""
+    inputs: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}.default.weight"
+            linear = getattr(layer, part)["default"]
+
+            def keep_input(_module, args, _output, key=key) -> None:
+                inputs[key] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+
+            def magnitude(_module, _grad_input, grad_output, key=key) -> None:
+                grad = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).double()
+                magnitudes[key] = grad.abs().mT @ inputs[key].abs()
+
+            handles += [linear.register_forward_hook(keep_input), linear.register_full_backward_hook(magnitude)]
+    model(input_ids=ids, labels=ids).loss.backward()
+    for handle in handles:
+        handle.remove()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=learning_rate).step()
+    return magnitudes, ids.numel()
+
+
+def sgd_step_tolerance(
+    learning_rate: float, tokens: int, magnitude: torch.Tensor, expected: torch.Tensor
+) -> torch.Tensor:
+    """How far one SGD step split across ranks may land from the same step in one process, per element: the
+    gradient is a sum over the batch's `tokens`; one process sums all of them, the ranks part each and the
+    trainer averages the parts. Each order is within γ_n·Σ_t|g_t| (`magnitude`) of the exact sum, SGD scales by the
+    learning rate, and the update p − lr·g is rounded once on each side (2u·|p|)."""
+    return (
+        learning_rate * 2 * fp32_gamma(tokens) * magnitude + 2 * FP32_UNIT_ROUNDOFF * expected.detach().double().abs()
+    )
 
 
 def svd_backward_error(singular_values: np.ndarray, shape: tuple[int, ...]) -> float:

@@ -1,57 +1,30 @@
 """FSDP2 on 2 CPU processes (gloo): every rank builds the same residual model, one SGD step on sharded
 parameters equals the same step in one process, and `to_merged` / `to_lora` of the sharded model gather the full
 tensors and write the same exports as torch's own full-state gather gives; what `Trainer.save_model` saves under
-FSDP2 reloads with `load_trained` to the same weights. DeepSpeed ZeRO-3 is refused."""
+FSDP2 reloads with `load_trained` to the same weights. DeepSpeed ZeRO-3: tests/test_deepspeed.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
 import torch
-from accelerate.utils.deepspeed import HfDeepSpeedConfig as AccelerateDeepSpeedConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
-from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 from inilora_hf import inilora_init, load_trained
 from inilora_hf.convert import to_merged
-from inilora_hf.errors import UnsupportedShardingError
 from tests.dist_fsdp_worker import FIT_STEPS, LEARNING_RATE, batch
-from tests.helpers import FP32_UNIT_ROUNDOFF, REPO_ROOT, fp32_gamma, torchrun, torchrun_env
+from tests.helpers import REPO_ROOT, fp32_gamma, sgd_step_tolerance, sgd_step_with_magnitudes, torchrun, torchrun_env
 
 WORKER = str(REPO_ROOT / "tests" / "dist_fsdp_worker.py")
 
 
 def _one_process_step(base: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
-    """The same init and SGD step in this process on the whole batch; per LoRA weight, Σ_t |∂L/∂y_t| |x_t|ᵀ (the
-    magnitude its gradient's sum over tokens is rounded against) and the number of tokens summed."""
+    """The same init and SGD step in this process on the whole batch, with `sgd_step_with_magnitudes`."""
     model = inilora_init(base, variant="inilora", steps=FIT_STEPS, use_cache=False)()
-    inputs: dict[str, torch.Tensor] = {}
-    magnitudes: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        for part in ("lora_A", "lora_B"):
-            key = f"{name}.{part}.default.weight"
-            linear = getattr(layer, part)["default"]
-
-            def keep_input(_module, args, _output, key=key) -> None:
-                inputs[key] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-
-            def magnitude(_module, _grad_input, grad_output, key=key) -> None:
-                grad = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).double()
-                magnitudes[key] = grad.abs().mT @ inputs[key].abs()
-
-            handles += [linear.register_forward_hook(keep_input), linear.register_full_backward_hook(magnitude)]
-    ids = batch()
-    model(input_ids=ids, labels=ids).loss.backward()
-    for handle in handles:
-        handle.remove()
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE).step()
-    return model, magnitudes, ids.numel()
+    magnitudes, tokens = sgd_step_with_magnitudes(model, batch(), LEARNING_RATE)
+    return model, magnitudes, tokens
 
 
 def test_fsdp_trains_and_exports_like_one_process(tiny_base_dir: Path, tmp_path: Path) -> None:
@@ -69,9 +42,7 @@ def test_fsdp_trains_and_exports_like_one_process(tiny_base_dir: Path, tmp_path:
     expected = dict(reference.named_parameters())
     worst = 0.0
     for key, magnitude in magnitudes.items():
-        # The gradient is a sum over the batch's tokens: one process sums all of them, the ranks half each and
-        # FSDP averages the two halves. Each order is within γ_n·Σ_t|g_t| of the exact sum; SGD scales by lr.
-        tolerance = LEARNING_RATE * 2 * fp32_gamma(tokens) * magnitude + 2 * FP32_UNIT_ROUNDOFF * expected[key].abs()
+        tolerance = sgd_step_tolerance(LEARNING_RATE, tokens, magnitude, expected[key])
         difference = (gathered[key].double() - expected[key].detach().double()).abs()
         assert (difference <= tolerance).all(), f"{key}: {difference.max():.3g}"
         worst = max(worst, difference.max().item())
@@ -105,15 +76,3 @@ def test_fsdp_trains_and_exports_like_one_process(tiny_base_dir: Path, tmp_path:
         key = f"base_model.model.{plain}"
         assert torch.equal(adapter[f"{key}.lora_A.weight"][:rank], gathered[f"{name}.lora_A.default.weight"]), plain
         assert torch.equal(adapter[f"{key}.lora_B.weight"][:, :rank], gathered[f"{name}.lora_B.default.weight"]), plain
-
-
-def test_deepspeed_zero3_is_refused_with_a_named_error(tiny_base_dir: Path) -> None:
-    """transformers' own ZeRO-3 flag, as its `HfDeepSpeedConfig` and the Trainer set it for a ZeRO-3 config (here
-    with accelerate's config class, which does not need deepspeed installed)."""
-    zero3 = AccelerateDeepSpeedConfig({"zero_optimization": {"stage": 3}})
-    set_hf_deepspeed_config(zero3)  # a weak reference: `zero3` keeps it alive
-    try:
-        with pytest.raises(UnsupportedShardingError, match="DeepSpeed ZeRO-3 partitions the base model's weights"):
-            inilora_init(tiny_base_dir, variant="pissa", use_cache=False)()
-    finally:
-        unset_hf_deepspeed_config()

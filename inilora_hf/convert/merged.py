@@ -13,6 +13,7 @@ from peft.utils.integrations import get_bnb_param_type
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_utils import set_zero3_state
 
 from inilora_hf.adapters.layers import adapter_linear
 from inilora_hf.adapters.loraxs import folded_lora_B, is_loraxs
@@ -93,7 +94,9 @@ def plain_skeleton(base: nn.Module, dtype: torch.dtype, inference_config: dict[s
         if attribute in config.__dict__:
             delattr(config, attribute)
     model_class = cast(type[PreTrainedModel], type(base))  # a transformers model: only those have `_from_config`
-    with torch.device("meta"):
+    # set_zero3_state: transformers' switch that skips `deepspeed.zero.Init` (under ZeRO-3 only rank 0 builds the
+    # skeleton, and zero.Init's collectives would wait for the other ranks).
+    with torch.device("meta"), set_zero3_state():
         skeleton = model_class._from_config(config, dtype=dtype)
     if getattr(base, "generation_config", None) is not None:
         skeleton.generation_config = copy.deepcopy(base.generation_config)

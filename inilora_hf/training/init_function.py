@@ -31,7 +31,7 @@ from .calibration.peft_pass import peft_data_init
 from .init_metadata import attach_init_metadata
 from .loading import BaseModel, ModelLoading, base_model_name, check_base_model
 from .rank_gradients import estimate_gradients_across_ranks
-from .sharding import refuse_zero3
+from .sharding import check_zero3_support, gathered, is_zero3_partitioned
 
 logger = get_logger(__name__)
 
@@ -111,7 +111,6 @@ class InitFunction:
         lora_kwargs: dict[str, Any] | None = None,
     ) -> None:
         check_base_model(model)
-        refuse_zero3(model if isinstance(model, nn.Module) else None)
         self.config = config
         self.factor_set: FactorSet | None = factors if isinstance(factors, FactorSet) else None
         self._factors_source = None if isinstance(factors, FactorSet) else factors
@@ -124,6 +123,7 @@ class InitFunction:
         self._calibration = calibration or CalibrationSource()
         self._default_calibration: CalibrationSource | None = None
         self._default_eta: float | None = None
+        self._check_zero3()
 
     @property
     def base_model_name(self) -> str | None:
@@ -187,10 +187,21 @@ class InitFunction:
         """Resolve the factor set (load the given one, or compute it) without building a PEFT model.
 
         `base`: an already-loaded, unmodified copy of the base model (default: load one)."""
-        refuse_zero3(base)
+        self._check_zero3()
         if not self._verified:
             self._resolve(*((base, None) if base is not None else self._load_identified()))
         return self._resolved_factor_set()
+
+    def _check_zero3(self) -> None:
+        """`check_zero3_support` for this init: the given model, a data-driven factor set still to compute, a
+        quantized load."""
+        check_zero3_support(
+            self._model if isinstance(self._model, nn.Module) else None,
+            data_driven=self.factor_set is None
+            and self._factors_source is None
+            and get_variant(self.config.variant).needs_calibration,
+            quantized=self._loading.model_kwargs.get("quantization_config") is not None,
+        )
 
     def _resolved_factor_set(self) -> FactorSet:
         """`factor_set`, which `_resolve` has set."""
@@ -205,7 +216,6 @@ class InitFunction:
         return self._loading.load_identified(self._model)
 
     def _resolve(self, base: nn.Module, checkpoint: dict[str, Any] | None) -> None:
-        refuse_zero3(base)
         if self._verified:
             return
         if self.factor_set is None and self._factors_source is not None:
@@ -240,8 +250,13 @@ class InitFunction:
         check_rank(modules, self.config)
         settings = [layer_settings(m) for m in modules.values()]
         if settings[0]["bits"] is None:
-            fingerprints = target_fingerprints(modules, checkpoint, cache_dir=self._options.cache_dir)
-            return {n: read_weight(m) for n, m in modules.items()}, fingerprints
+            # Under DeepSpeed ZeRO-3 every rank gathers the full weights for the block and copies them out of it.
+            stored = [m.get_parameter("weight") for m in modules.values()]
+            partitioned = any(is_zero3_partitioned(w) for w in stored)
+            with gathered(stored):
+                fingerprints = target_fingerprints(modules, checkpoint, cache_dir=self._options.cache_dir)
+                weights = {n: read_weight(m) for n, m in modules.items()}
+                return ({n: w.clone() for n, w in weights.items()} if partitioned else weights), fingerprints
         if any(s != settings[0] for s in settings):
             raise ValueError("The target layers of this quantized model use different quantization settings.")
         refine = {"refine_steps": self._options.refine_steps, "adapter_dtype": self._options.adapter_dtype}
@@ -364,7 +379,7 @@ class InitFunction:
 
     def __call__(self, trial: Any = None) -> PeftModel:
         """Return a new `PeftModel` ready to train (`trial` from hyper-parameter search is accepted)."""
-        refuse_zero3()
+        self._check_zero3()  # before loading: under ZeRO-3 the load partitions the base
         base, checkpoint = (self.load_base_model(), None) if self._verified else self._load_identified()
         self._resolve(base, checkpoint)
         model = wrap_with_factors(
