@@ -72,6 +72,9 @@ def main(base: str, out: str, cache: str) -> None:
     }
     path = Path(out) / f"rank-{args.process_index}.json"
     path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    # Leave the process group before exit: gloo's threads torn down at interpreter exit can abort a rank (SIGABRT).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
