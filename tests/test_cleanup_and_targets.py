@@ -91,7 +91,14 @@ def _interrupt(script: str, args: list[str], log: Path, ready: Callable[[], bool
     checking that the interrupt, and nothing else, ended it."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", script, *args], stderr=stderr, env=env)
+        # SIGINT back to its default in the child: a runner started in the background (`cmd &` in a script) ignores
+        # SIGINT, which its children inherit, and Python then never raises KeyboardInterrupt.
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stderr=stderr,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         deadline = time.monotonic() + WAIT_S
         while not ready():
