@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 from transformers import Trainer, TrainingArguments
+
+from inilora_hf import convert
 
 RELOAD_SCRIPT = r"""
 import json, sys
@@ -342,13 +346,15 @@ def torchrun(
     return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
-def make_trainer(init: Any, output_dir: Path) -> Trainer:
-    """A `transformers.Trainer` over 16 random token rows of a tiny causal LM: 4 steps, a checkpoint every 2."""
+def make_trainer(init: Any, output_dir: Path, callbacks: list | None = None) -> Trainer:
+    """A `transformers.Trainer` over 16 random token rows of a tiny causal LM: 4 steps, a checkpoint every 2, the loss
+    logged at every step."""
     rows = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
     args = TrainingArguments(
         str(output_dir),
         max_steps=4,
         save_steps=2,
+        logging_steps=1,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
         seed=0,
@@ -356,7 +362,8 @@ def make_trainer(init: Any, output_dir: Path) -> Trainer:
         use_cpu=True,
         disable_tqdm=True,
     )
-    return Trainer(model_init=init, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
+    dataset = [{"input_ids": r, "labels": r} for r in rows]
+    return Trainer(model_init=init, args=args, train_dataset=dataset, callbacks=callbacks)
 
 
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -370,3 +377,21 @@ def assert_same_lora_state(model: torch.nn.Module, other: torch.nn.Module) -> No
     assert sorted(straight) == sorted(resumed)
     for key, tensor in straight.items():
         assert torch.equal(tensor, resumed[key]), key
+
+
+def train_export_resume(make_init: Callable[[], Any], base_dir: Path, root: Path, input_ids: torch.Tensor) -> dict:
+    """A 4-step Trainer run of a fresh `make_init()` in `root/first` (checkpoint every 2), both exports reloaded in a
+    process that never imports inilora_hf, and a resume of another fresh init from checkpoint-2 in `root/second`."""
+    trainer = make_trainer(make_init(), root / "first")
+    trainer.train()
+    trainer.model.eval()
+    trained_logits = logits_of(trainer.model, input_ids)
+    convert.to_merged(trainer.model, root / "merged")
+    convert.to_lora(trainer.model, root / "lora")
+    reload = reload_exports_without_inilora(
+        base_dir, root / "merged", root / "lora", input_ids, trained_logits, root, cwd=root
+    )
+    resumed = make_trainer(make_init(), root / "second")
+    shutil.copytree(root / "first" / "checkpoint-2", root / "second" / "checkpoint-2")
+    resumed.train(resume_from_checkpoint=str(root / "second" / "checkpoint-2"))
+    return {"trainer": trainer, "trained_logits": trained_logits, "reload": reload, "resumed": resumed}

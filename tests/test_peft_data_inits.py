@@ -31,7 +31,7 @@ from transformers import (
 )
 from trl import SFTConfig
 
-from inilora_hf import SFTTrainer, convert, get_variant, inilora_init, load_trained
+from inilora_hf import SFTTrainer, get_variant, inilora_init, load_trained
 from inilora_hf.cli.app import BUILTIN_VARIANTS
 from inilora_hf.cli.demo import build_demo_base, demo_dataset
 from inilora_hf.errors import CalibrationDataError, VariantOptionError
@@ -120,18 +120,10 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     base_dir, cache_dir, rows = make_tiny_base(root / "base"), root / "cache", make_rows()
     init = make_init(variant, base_dir, cache_dir, rows)
     initial = init()
-    trainer = make_trainer(make_init(variant, base_dir, cache_dir, rows), root / "first")
-    trainer.train()
-    trainer.model.eval()
-    trained_logits = helpers.logits_of(trainer.model, INPUT_IDS)
-    convert.to_merged(trainer.model, root / "merged")
-    convert.to_lora(trainer.model, root / "lora")
-    reload = helpers.reload_exports_without_inilora(
-        base_dir, root / "merged", root / "lora", INPUT_IDS, trained_logits, root, cwd=root
+    trained = helpers.train_export_resume(
+        lambda: make_init(variant, base_dir, cache_dir, rows), base_dir, root, INPUT_IDS
     )
-    resumed = make_trainer(make_init(variant, base_dir, cache_dir, rows), root / "second")
-    shutil.copytree(root / "first" / "checkpoint-2", root / "second" / "checkpoint-2")
-    resumed.train(resume_from_checkpoint=str(root / "second" / "checkpoint-2"))
+    trainer = trained["trainer"]
     max_rank = max(layer.r["default"] for layer in lora_layers(initial).values())
     return {
         "variant": variant,
@@ -142,10 +134,7 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         "init": init,
         "initial": initial,
         "plain": plain_peft(base_dir, variant, rows),
-        "trainer": trainer,
-        "trained_logits": trained_logits,
-        "reload": reload,
-        "resumed": resumed,
+        **trained,
         "tolerance": helpers.fp32_logits_tolerance(trainer.model.get_base_model(), INPUT_IDS, 2 * max_rank),
     }
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +22,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from inilora_hf import FactorSet, InitConfig, convert, get_variant, inilora_init
+from inilora_hf import FactorSet, InitConfig, get_variant, inilora_init
 from inilora_hf.cli.app import BUILTIN_VARIANTS, main
 from inilora_hf.factorsets.publish import push_factor_set
 from inilora_hf.factorsets.streaming import compute_streamed
 from inilora_hf.training import init_function
 from inilora_hf.training.trained_model import load_trained
 from tests import helpers
-from tests.helpers import make_trainer
 from tests.test_convert import make_tiny_base
 from tests.test_hub import BASE_ID, _upload_base_model
 
@@ -77,28 +75,15 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     base_dir, cache_dir = make_tiny_base(root / "base"), root / "cache"
     init = make_init(variant, base_dir, cache_dir)
     initial = init()
-    trainer = make_trainer(make_init(variant, base_dir, cache_dir), root / "first")
-    trainer.train()
-    trainer.model.eval()
-    trained_logits = helpers.logits_of(trainer.model, INPUT_IDS)
-    convert.to_merged(trainer.model, root / "merged")
-    convert.to_lora(trainer.model, root / "lora")
-    reload = helpers.reload_exports_without_inilora(
-        base_dir, root / "merged", root / "lora", INPUT_IDS, trained_logits, root, cwd=root
-    )
-    resumed = make_trainer(make_init(variant, base_dir, cache_dir), root / "second")
-    shutil.copytree(root / "first" / "checkpoint-2", root / "second" / "checkpoint-2")
-    resumed.train(resume_from_checkpoint=str(root / "second" / "checkpoint-2"))
+    trained = helpers.train_export_resume(lambda: make_init(variant, base_dir, cache_dir), base_dir, root, INPUT_IDS)
+    trainer = trained["trainer"]
     return {
         "variant": variant,
         "root": root,
         "base": base_dir,
         "cache": cache_dir,
         "initial": initial,
-        "trainer": trainer,
-        "trained_logits": trained_logits,
-        "reload": reload,
-        "resumed": resumed,
+        **trained,
         "tolerance": helpers.fp32_logits_tolerance(trainer.model.get_base_model(), INPUT_IDS, 2 * 8),
     }
 

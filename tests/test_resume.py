@@ -19,7 +19,8 @@ from inilora_hf import FactorSet, FactorSetMismatchError, inilora_init
 from inilora_hf.trainer_callbacks import ExportCallback, InitReportCallback, run_dir
 from inilora_hf.training.init_metadata import INIT_FACTORS_DIR, INIT_METADATA_NAME
 from inilora_hf.training.trained_model import load_trained
-from tests.helpers import fp32_logits_tolerance
+from tests import helpers
+from tests.helpers import fp32_logits_tolerance, lora_state
 from tests.test_convert import INPUT_IDS, logits_of, make_tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,26 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_trainer(base_dir: Path, cache_dir: Path, output_dir: Path, callbacks: list) -> Trainer:
     """The run under test: inilora (residual) init via model_init, fp32 on CPU, 4 steps, a checkpoint every 2."""
-    rows = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
-    data = [{"input_ids": row, "labels": row} for row in rows]
     init = inilora_init(str(base_dir), variant="inilora", rank=4, lora_alpha=8, cache_dir=cache_dir, steps=50)
-    args = TrainingArguments(
-        str(output_dir),
-        max_steps=4,
-        save_steps=2,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        seed=0,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    return Trainer(model_init=init, args=args, train_dataset=data, callbacks=callbacks)
-
-
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    return helpers.make_trainer(init, output_dir, callbacks)
 
 
 def losses(log_history: list[dict]) -> list[tuple[int, float]]:
