@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 from transformers import Trainer, TrainingArguments
+from trl import SFTConfig
 
 from inilora_hf import convert
 
@@ -395,3 +396,20 @@ def train_export_resume(make_init: Callable[[], Any], base_dir: Path, root: Path
     shutil.copytree(root / "first" / "checkpoint-2", root / "second" / "checkpoint-2")
     resumed.train(resume_from_checkpoint=str(root / "second" / "checkpoint-2"))
     return {"trainer": trainer, "trained_logits": trained_logits, "reload": reload, "resumed": resumed}
+
+
+def sft_args(output_dir: Path, **overrides: Any) -> SFTConfig:
+    """The suite's short SFT run on CPU: 2 steps, batch 8, lr 1e-2, fp32, loss logged at every step, no saving."""
+    defaults: dict[str, Any] = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    return SFTConfig(output_dir=str(output_dir), **{**defaults, **overrides})

@@ -19,8 +19,6 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     TrainerControl,
     TrainerState,
     TrainingArguments,
@@ -29,6 +27,7 @@ from transformers import (
 from inilora_hf import FactorSet, available_variants, convert, get_variant, inilora_init
 from inilora_hf.trainer_callbacks import PushStandardCheckpointCallback
 from tests import helpers
+from tests.conftest import tiny_llama
 
 TOLERANCE = 1e-4
 INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -40,16 +39,7 @@ CASES = [*VARIANTS, "pissa+modules_to_save"]
 
 def make_tiny_base(directory: Path, seed: int = 0) -> Path:
     """The tiny Llama used as "original base model" throughout the tests, saved to `directory`."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    tiny_llama(seed).save_pretrained(directory)
     return directory
 
 

@@ -210,24 +210,10 @@ def demo_base(tmp_path_factory):
 
 def test_sft_trainer_uses_its_train_dataset_and_derives_eta(tmp_path: Path, demo_base: Path) -> None:
     from transformers import AutoTokenizer
-    from trl import SFTConfig
 
     from inilora_hf.cli.demo import demo_dataset
 
-    args = SFTConfig(
-        output_dir=str(tmp_path / "sft"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        warmup_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = helpers.sft_args(tmp_path / "sft", warmup_steps=2)
     init = inilora_init(demo_base, variant="lora-sb", rank=RANK, calibration_samples=12)
     assert init.needs_calibration_data
     trainer = SFTTrainer(

@@ -9,12 +9,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, inilora_init
 from inilora_hf.cli.demo import build_demo_base, demo_dataset
 from inilora_hf.factorsets.format import RESIDUAL_KEY
-from tests.helpers import fp32_gamma, fp32_logits_tolerance, logits_of
+from tests.helpers import fp32_gamma, fp32_logits_tolerance, logits_of, sft_args
 
 logger = logging.getLogger(__name__)
 
@@ -140,19 +139,7 @@ def test_sft_steps_save_and_merged_conversion(base_dir, tmp_path, kind, record_p
     init = inilora_init(base_dir, variant="inilora", rank=rank, steps=200, quantization_config=CONFIGS[kind]())
     trainer = SFTTrainer(
         model_init=init,
-        args=SFTConfig(
-            output_dir=str(tmp_path / "run"),
-            max_steps=2,
-            per_device_train_batch_size=8,
-            learning_rate=1e-2,
-            save_strategy="no",
-            report_to="none",
-            bf16=False,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            disable_tqdm=True,
-            logging_steps=1,
-        ),
+        args=sft_args(tmp_path / "run"),
         train_dataset=demo_dataset(),
         processing_class=AutoTokenizer.from_pretrained(base_dir),
     )

@@ -7,11 +7,11 @@ import torch
 from peft import LoraConfig
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import number_of_arguments
-from trl import SFTConfig
 
 from inilora_hf import SFTTrainer, inilora_init
 from inilora_hf.cli.demo import char_tokenizer, demo_dataset
 from tests.conftest import tiny_llama
+from tests.helpers import sft_args
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -70,23 +70,6 @@ def test_model_init_accepts_a_trial_and_returns_fresh_models(tiny_base_dir) -> N
     assert torch.equal(a.base_layer.weight, b.base_layer.weight)
 
 
-def sft_args(tmp_path, **overrides) -> SFTConfig:
-    return SFTConfig(
-        output_dir=str(tmp_path / "sft"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        **overrides,
-    )
-
-
 @pytest.fixture(scope="module")
 def demo_base(tmp_path_factory):
     from inilora_hf.cli.demo import build_demo_base
@@ -106,7 +89,7 @@ def test_sft_trainer_with_model_init_trains_and_reinitialises(tmp_path, demo_bas
 
     trainer = SFTTrainer(
         model_init=counting_init,
-        args=sft_args(tmp_path),
+        args=sft_args(tmp_path / "sft"),
         train_dataset=demo_dataset(),
         processing_class=AutoTokenizer.from_pretrained(demo_base),
     )
@@ -124,7 +107,7 @@ def test_trl_sft_trainer_accepts_an_initialised_model(tmp_path, demo_base) -> No
     model = inilora_init(demo_base, variant="milora")()
     trainer = trl.SFTTrainer(
         model=model,
-        args=sft_args(tmp_path),
+        args=sft_args(tmp_path / "sft"),
         train_dataset=demo_dataset(),
         processing_class=AutoTokenizer.from_pretrained(demo_base),
     )
@@ -135,10 +118,10 @@ def test_sft_trainer_rejects_model_init_with_peft_config(tmp_path, demo_base) ->
     with pytest.raises(ValueError, match="peft_config"):
         SFTTrainer(
             model_init=inilora_init(demo_base, variant="lora"),
-            args=sft_args(tmp_path),
+            args=sft_args(tmp_path / "sft"),
             train_dataset=demo_dataset(),
             processing_class=char_tokenizer(["ab"]),
             peft_config=LoraConfig(r=4),
         )
     with pytest.raises(ValueError, match="not both"):
-        SFTTrainer(model=tiny_llama(), model_init=inilora_init(demo_base), args=sft_args(tmp_path))
+        SFTTrainer(model=tiny_llama(), model_init=inilora_init(demo_base), args=sft_args(tmp_path / "sft"))
