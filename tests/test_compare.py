@@ -5,6 +5,7 @@ head per seed) and resumption."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from inilora_hf import compare
 from inilora_hf.cli.app import main
 from inilora_hf.cli.demo import build_demo_base
 from inilora_hf.comparison import api, report
-from inilora_hf.comparison.statistics import paired_bootstrap, summarize
+from inilora_hf.comparison.statistics import paired_bootstrap, paired_seed_test, summarize
 from inilora_hf.errors import CompareInputError, OutputExistsError
 
 FAST = {"max_steps": 3, "batch_size": 8, "resamples": 2000}
@@ -59,6 +60,35 @@ def _bootstrap_reference(candidate: list, baseline: list, resamples: int, seed: 
     draws = delta(counts)
     p_value = (1 + np.sum(np.abs(draws - observed) >= abs(observed))) / (resamples + 1)
     return observed, list(np.percentile(draws, [2.5, 97.5])), float(p_value)
+
+
+def _t_p_value(t: float, df: int) -> float:
+    """Two-sided p of Student's t by Simpson's rule on its density over [0, |t|] (numpy and math only)."""
+    x = np.linspace(0.0, abs(t), 200001)
+    constant = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    density = constant * (1 + x**2 / df) ** (-(df + 1) / 2)
+    central = (x[1] - x[0]) / 3 * (density[0] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum() + density[-1])
+    return float(1 - 2 * central)
+
+
+def test_seed_test_matches_student_t_from_its_density() -> None:
+    candidate, baseline = [0.791, 0.785, 0.80, 0.779, 0.788], [0.778, 0.780, 0.776, 0.776, 0.780]
+    deltas = np.subtract(candidate, baseline)
+    result = paired_seed_test(candidate, baseline)
+    error = np.std(deltas, ddof=1) / np.sqrt(5)
+    assert result["delta_mean"] == pytest.approx(deltas.mean(), rel=1e-12)
+    assert result["t"] == pytest.approx(deltas.mean() / error, rel=1e-12) and result["df"] == 4
+    assert result["p_value"] == pytest.approx(_t_p_value(result["t"], 4), abs=1e-9)
+    assert result["better"] == 5 and result["n"] == 5
+    # The interval is mean ± t_0.975 · se: t_0.975 with 4 degrees of freedom is 2.776445 (tables), and p at it is 0.05.
+    quantile = (result["ci95"][1] - deltas.mean()) / error
+    assert quantile == pytest.approx(2.776445, abs=1e-6) and _t_p_value(quantile, 4) == pytest.approx(0.05, abs=1e-9)
+    assert result["ci95"][0] == pytest.approx(deltas.mean() - quantile * error, rel=1e-12)
+    assert paired_seed_test([0.8], [0.7])["p_value"] is None  # one seed: no test
+    assert paired_seed_test([0.75, 0.5], [0.5, 0.25])["p_value"] == 0.0  # the same difference on every seed
+    assert paired_seed_test([0.8, 0.9], [0.8, 0.9])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_seed_test([0.8, 0.9], [0.8])
 
 
 def test_statistics_match_an_independent_computation() -> None:
@@ -157,9 +187,19 @@ def test_compare_seq_cls_files_statistics_fairness_and_resume(
         assert paired["delta_mean"] == pytest.approx(observed, rel=1e-12, abs=1e-15)
         assert paired["ci95"] == pytest.approx(ci95, rel=1e-12, abs=1e-15)
         assert paired["p_value"] == pytest.approx(p_value) and "paired bootstrap" in paired["test"]
+        seeds_test = paired["seeds_test"]  # the t-test over the two seeds, recomputed from the run metrics
+        deltas = [runs["pissa", seed]["metrics"][metric] - runs["lora", seed]["metrics"][metric] for seed in (0, 1)]
+        assert seeds_test["delta_mean"] == pytest.approx(np.mean(deltas), rel=1e-12, abs=1e-15)
+        assert seeds_test["n"] == 2 and seeds_test["better"] == sum(d > 0 for d in deltas)
+        if np.std(deltas) > 0:
+            t = np.mean(deltas) / (np.std(deltas, ddof=1) / np.sqrt(2))
+            assert seeds_test["t"] == pytest.approx(t, rel=1e-9)
+            assert seeds_test["p_value"] == pytest.approx(_t_p_value(t, 1), abs=1e-8)
     summary = (out / "summary.md").read_text()
     mean, std = results["summary"]["pissa"]["accuracy"]["mean"], results["summary"]["pissa"]["accuracy"]["std"]
-    assert f"| pissa | {mean:.4f} ± {std:.4f} | {results['paired']['pissa']['accuracy']['delta_mean']:+.4f}" in summary
+    delta = results["paired"]["pissa"]["accuracy"]["delta_mean"]
+    assert "## accuracy" in summary and "## eval_loss" in summary and "paired t-test over seeds" in summary
+    assert f"| pissa | {mean:.4f} ± {std:.4f} | 2 | {delta:+.4f} [" in summary
 
     # A third seed runs only the two new runs; other settings are refused before any work.
     calls.clear()
@@ -239,6 +279,8 @@ def test_bad_input_is_one_line_and_exit_2(base: Path, parity_file: Path, tmp_pat
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert main([*common[:4], str(tmp_path / "missing.jsonl"), *common[5:]]) == 2
+    assert f"dataset file '{tmp_path / 'missing.jsonl'}' does not exist" in capsys.readouterr().err
+    assert main([*common[:4], str(tmp_path), *common[5:]]) == 2
     assert "is not a .jsonl, .json, .csv or .parquet file" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep")

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,9 @@ def movie_splits(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
 
 
 def write_jsonl(rows: list[dict[str, str]], path: Path) -> Path:
-    """``rows`` as JSON lines at ``path``."""
+    """``rows`` as JSON lines at ``path``, written to a temporary file and renamed into place (atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(temporary, path)
     return path

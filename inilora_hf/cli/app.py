@@ -269,8 +269,10 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
         "compare",
         help="fine-tune with several init variants × seeds, identically but for the init, and compare them",
         description="Train every variant × seed with transformers.Trainer, evaluate on the same examples, and write "
-        "OUT/results.json, OUT/summary.md (mean ± std, paired Δ to the baseline with a 95 %% CI) and, with "
-        "matplotlib, OUT/loss.png and OUT/metric.png. A re-run with the same settings skips finished runs.",
+        "OUT/results.json, OUT/summary.md (mean ± std; Δ to the baseline with a 95 %% CI and p from a paired "
+        "bootstrap over eval examples and from a paired t-test over seeds) and, with matplotlib, OUT/loss.png and "
+        "OUT/metric.png. A re-run with the same settings skips finished runs; the same command started several "
+        "times on one OUT shares the runs (give each its cores with OMP_NUM_THREADS).",
     )
     compare.add_argument("--model", required=True, help="Hub id or directory of the base model and its tokenizer")
     compare.add_argument(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,7 +24,7 @@ from inilora_hf.variants import get_variant
 from inilora_hf.variants.config import normalize_targets
 
 from .data import load_rows, split_eval, tokenize
-from .records import RunStore, write_json_atomic
+from .records import RunStore, write_atomic, write_json_atomic
 from .report import paired_to_baseline, summarize_runs, summary_markdown, write_plots
 from .runner import METRICS, RunSettings, run_one
 from .statistics import bootstrap_test_name
@@ -67,7 +66,9 @@ def compare(
     the same batches in the same order and start from the same new head (the seed fixes both); a variant that takes
     a `seed` option gets the run's seed, a deterministic one (pissa, milora, ...) is computed once and reused from
     the factor-set cache. Each finished run is recorded at once in `output_dir/runs/` (atomically), so a re-run
-    with the same settings skips it; `variants` and `seeds` may grow between re-runs.
+    with the same settings skips it; `variants` and `seeds` may grow between re-runs. Several processes may run the
+    same `compare` on one `output_dir` at once: each run is claimed through a lock file and done once, a run another
+    process holds is waited for at the end, and every process returns (and writes) the same results.
 
     Args:
         model: A Hub id or local directory of a transformers model (and its tokenizer).
@@ -100,7 +101,8 @@ def compare(
     Returns:
         The content of `results.json`: `config`, `runs` (per run: `metrics`, `history`, `predictions_sha256`,
         `batches_sha256`, `head_sha256`, `seconds`, ...), `summary` (`{variant: {metric: {mean, std, n}}}`),
-        `paired` (`{variant: {metric: {delta_mean, ci95, p_value, test, seeds}}}`) and `test`.
+        `paired` (`{variant: {metric: {delta_mean, ci95, p_value, test, seeds, seeds_test}}}`: the bootstrap over
+        examples, and in `seeds_test` the paired t-test over seeds) and `test`.
 
     Raises:
         CompareInputError: an unknown variant or option, a baseline not among `variants`, a missing file or column,
@@ -172,33 +174,42 @@ def compare(
     todo = [(seed, variant) for seed, variant in plan if not store.finished(variant, seed)]
     if len(todo) < len(plan):
         logger.info("%s: %d of %d runs already finished, skipped.", output_dir, len(plan) - len(todo), len(plan))
+    headline = config["metrics"][0]
     with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="compare runs", unit="run") as progress:
-        for seed, variant in todo:
-            work_dir = tempfile.mkdtemp(prefix=".tmp-run-", dir=store.root)
-            try:
-                record = run_one(
-                    settings,
-                    data,
-                    tokenizer,
-                    variant=variant,
-                    seed=seed,
-                    options=options.get(variant, {}),
-                    work_dir=work_dir,
-                )
-            finally:
-                shutil.rmtree(work_dir, ignore_errors=True)
-            store.save(record)
-            progress.update()
-            headline = config["metrics"][0]
-            logger.info(
-                "finished %s seed %d: %s = %.4f, eval_loss = %.4f (%.0f s)",
-                variant,
-                seed,
-                headline,
-                record["metrics"][headline],
-                record["metrics"]["eval_loss"],
-                sum(record["seconds"].values()),
-            )
+        taken: list[tuple[int, str]] = []  # runs another process holds: waited for after all the others
+        for wait, runs in ((False, todo), (True, taken)):
+            for seed, variant in runs:
+                held = store.claim(variant, seed, wait=wait)
+                if held is None:
+                    logger.info("%s seed %d is running in another process; waiting for it at the end.", variant, seed)
+                    taken.append((seed, variant))
+                    continue
+                with held:
+                    if not store.finished(variant, seed):  # another process may have finished it meanwhile
+                        work_dir = store.work_dir(variant, seed)
+                        try:
+                            record = run_one(
+                                settings,
+                                data,
+                                tokenizer,
+                                variant=variant,
+                                seed=seed,
+                                options=options.get(variant, {}),
+                                work_dir=work_dir,
+                            )
+                        finally:
+                            shutil.rmtree(work_dir, ignore_errors=True)
+                        store.save(record)
+                        logger.info(
+                            "finished %s seed %d: %s = %.4f, eval_loss = %.4f (%.0f s)",
+                            variant,
+                            seed,
+                            headline,
+                            record["metrics"][headline],
+                            record["metrics"]["eval_loss"],
+                            sum(record["seconds"].values()),
+                        )
+                progress.update()
     return _write_results(store, config, plan, resamples=resamples)
 
 
@@ -249,8 +260,7 @@ def _write_results(
         "test": bootstrap_test_name(resamples, BOOTSTRAP_SEED),
     }
     write_json_atomic(store.root / "results.json", results)
-    (store.root / "summary.md.tmp").write_text(summary_markdown(results))
-    os.replace(store.root / "summary.md.tmp", store.root / "summary.md")
+    write_atomic(store.root / "summary.md", summary_markdown(results).encode())
     write_plots(results, store.root)
     logger.info("wrote %s (statistics in %.1f s)", store.root / "results.json", time.perf_counter() - started)
     return results

@@ -30,7 +30,7 @@ def load_rows(source: str | os.PathLike | Dataset, *, split: str = "train") -> D
     """A `Dataset` from a local .jsonl/.json/.csv/.parquet file, a Hub dataset id (its `split`), or a `Dataset`.
 
     Raises:
-        CompareInputError: a path that is not a file of one of those kinds.
+        CompareInputError: a missing file, or a path that is not a file of one of those kinds.
 
     Example:
         >>> load_rows(Dataset.from_dict({"text": ["a"]})).num_rows
@@ -42,6 +42,8 @@ def load_rows(source: str | os.PathLike | Dataset, *, split: str = "train") -> D
     builder = _BUILDERS.get(path.suffix.lower())
     if path.is_file() and builder is not None:
         return load_dataset(builder, data_files=str(path), split="train")
+    if builder is not None and not path.exists():
+        raise CompareInputError(f"dataset file {str(source)!r} does not exist; check the path.")
     if path.exists() or builder is not None or not is_hub_id(str(source)):
         raise CompareInputError(
             f"dataset {str(source)!r} is not a .jsonl, .json, .csv or .parquet file nor a Hub dataset id; give one "

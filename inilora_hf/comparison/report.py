@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import numpy as np
 
 from inilora_hf.log import get_logger
 
-from .statistics import paired_bootstrap, summarize
+from .records import write_atomic
+from .statistics import SEED_TEST, paired_bootstrap, paired_seed_test, summarize
 
 Figure: Any  # matplotlib's Figure class, or None without the optional `plots` extra
 try:
@@ -47,7 +49,8 @@ def summarize_runs(runs: Sequence[dict[str, Any]], *, metrics: Sequence[str]) ->
 def paired_to_baseline(
     runs: Sequence[dict[str, Any]], *, baseline: str, metrics: Sequence[str], resamples: int, seed: int
 ) -> dict[str, dict[str, Any]]:
-    """`{variant: {metric: paired_bootstrap(...)}}` of each variant against `baseline`, over the seeds both have."""
+    """`{variant: {metric: {**paired_bootstrap(...), "seeds", "seeds_test": paired_seed_test(...)}}}` of each
+    variant against `baseline`, over the seeds both have."""
     grouped = _by_variant(runs)
     reference = {run["seed"]: run for run in grouped.get(baseline, [])}
     paired: dict[str, dict[str, Any]] = {}
@@ -64,6 +67,9 @@ def paired_to_baseline(
                     seed=seed,
                 ),
                 "seeds": [run["seed"] for run, _ in pairs],
+                "seeds_test": paired_seed_test(
+                    [run["metrics"][metric] for run, _ in pairs], [base["metrics"][metric] for _, base in pairs]
+                ),
             }
             for metric in metrics
         }
@@ -79,15 +85,20 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _p_value(value: float) -> str:
-    return f"{value:.3f}" if value >= 0.001 else "< 0.001"
+def _p_value(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}" if value >= 0.001 else "< 0.001"
+
+
+def _delta(mean: float, ci95: list[float] | None) -> str:
+    return f"{mean:+.4f}" if ci95 is None else f"{mean:+.4f} [{ci95[0]:+.4f}, {ci95[1]:+.4f}]"
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
-    """The table a person reads: per variant and metric, mean ± std over seeds (n), and Δ to the baseline with its
-    95 % interval and p-value."""
+    """The tables a person reads, one per metric: per variant, mean ± std over seeds (n), and Δ to the baseline
+    with its 95 % interval and p-value from each test (the bootstrap over examples, the t-test over seeds), and in
+    how many seeds the variant was higher."""
     config, summary, paired = results["config"], results["summary"], results["paired"]
-    baseline, metrics = config["baseline"], config["metrics"]
+    baseline = config["baseline"]
     lines = [
         f"# Comparison on {config['model']}",
         "",
@@ -96,23 +107,27 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"{', '.join(map(str, config['seeds']))}; {config['eval_examples']} eval examples. Baseline: {baseline}.",
         "",
     ]
-    header = ["variant"]
-    for metric in metrics:
-        header += [f"{metric} (mean ± std)", f"Δ {metric} [95 % CI]", "p"]
-    lines += ["| " + " | ".join([*header, "n"]) + " |", "|" + "---|" * (len(header) + 1)]
-    for variant, values in summary.items():
-        row = [variant]
-        for metric in metrics:
+    for metric in config["metrics"]:
+        lines += [
+            f"## {metric}",
+            "",
+            "| variant | mean ± std | n | Δ [95 % CI], examples | p | Δ [95 % CI], seeds | p | higher in |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, values in summary.items():
             stats = values[metric]
-            row.append(f"{_number(stats['mean'])} ± {_number(stats['std'])}")
+            row = [variant, f"{_number(stats['mean'])} ± {_number(stats['std'])}", str(stats["n"])]
             pair = paired.get(variant, {}).get(metric)
             if pair is None:
-                row += ["(baseline)" if variant == baseline else "–", "–"]
+                row += ["(baseline)" if variant == baseline else "–"] + ["–"] * 4
             else:
-                low, high = pair["ci95"]
-                row += [f"{pair['delta_mean']:+.4f} [{low:+.4f}, {high:+.4f}]", _p_value(pair["p_value"])]
-        lines.append("| " + " | ".join([*row, str(values[metrics[0]]["n"])]) + " |")
-    lines += ["", f"Test: {results['test']}.", ""]
+                seeds = pair["seeds_test"]
+                row += [_delta(pair["delta_mean"], pair["ci95"]), _p_value(pair["p_value"])]
+                row += [_delta(seeds["delta_mean"], seeds["ci95"]), _p_value(seeds["p_value"])]
+                row.append(f"{seeds['better']}/{seeds['n']} seeds")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += [f"Tests: examples — {results['test']}; seeds — {SEED_TEST}.", ""]
     if Figure is None:
         lines += [PLOTS_HINT, ""]
     else:
@@ -147,5 +162,7 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
     paths = [folder / "loss.png", folder / "metric.png"]
     for figure, path in zip((loss_figure, metric_figure), paths, strict=True):
         figure.tight_layout()
-        figure.savefig(path, dpi=120)
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=120)
+        write_atomic(path, image.getvalue())
     return paths

@@ -120,11 +120,13 @@ def evaluate_examples(
     token_accuracy and eval_loss over the example's target tokens (next-token prediction), `den` = their count.
     """
     names = METRICS[task]
-    parts: dict[str, dict[str, list[float]]] = {name: {"num": [], "den": []} for name in names}
-    digest = hashlib.sha256()
+    # Batches of examples of similar length (longest first) pad little; the results go back to the rows' order.
+    order = np.argsort([-len(ids) for ids in rows["input_ids"]], kind="stable")
+    values: dict[str, list[np.ndarray]] = {"num": [], "loss": [], "den": []}
+    predicted: list[np.ndarray] = []
     device = next(model.parameters()).device
     model.eval()
-    for batch in DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collator):
+    for batch in DataLoader(rows.select(order), batch_size=batch_size, shuffle=False, collate_fn=collator):
         batch = {key: value.to(device) for key, value in batch.items()}
         labels = batch.pop("labels")
         with torch.no_grad():
@@ -133,21 +135,28 @@ def evaluate_examples(
             predictions = logits.argmax(-1)
             losses = functional.cross_entropy(logits, labels, reduction="none")
             correct, counts = (predictions == labels).double(), torch.ones_like(losses, dtype=torch.float64)
+            predicted += list(predictions.cpu().numpy()[:, None])
         else:
             logits, labels = logits[:, :-1], labels[:, 1:]
             mask = labels != IGNORE_INDEX
             token_losses = functional.cross_entropy(
                 logits.transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX
             )
-            predictions = logits.argmax(-1).masked_fill(~mask, IGNORE_INDEX)
+            predictions = logits.argmax(-1)
             losses = token_losses.double().sum(-1)
             correct = ((predictions == labels) & mask).double().sum(-1)
             counts = mask.double().sum(-1)
-        digest.update(predictions.cpu().numpy().astype(np.int64).tobytes())
-        for name, values in zip(names, (correct, losses), strict=True):
-            parts[name]["num"].extend(values.double().cpu().tolist())
-            parts[name]["den"].extend(counts.cpu().tolist())
-    return parts, digest.hexdigest()
+            predicted += [row[keep] for row, keep in zip(predictions.cpu().numpy(), mask.cpu().numpy(), strict=True)]
+        for key, tensor in zip(("num", "loss", "den"), (correct, losses, counts), strict=True):
+            values[key].append(tensor.double().cpu().numpy())
+    restore = np.argsort(order)  # position of each row in the sorted order
+    columns = {key: np.concatenate(parts)[restore] for key, parts in values.items()}
+    digest = hashlib.sha256()
+    for position in restore:  # each example's predicted class / target-token predictions, in the rows' order
+        digest.update(predicted[position].astype(np.int64).tobytes() + b"|")
+    den = columns["den"].tolist()
+    metrics = dict(zip(names, (columns["num"], columns["loss"]), strict=True))
+    return {name: {"num": metrics[name].tolist(), "den": den} for name in names}, digest.hexdigest()
 
 
 def run_one(

@@ -1,5 +1,6 @@
-"""The statistics of `compare`, in plain numpy: per-variant mean ± std over seeds, and a paired bootstrap over eval
-examples for the difference between a variant and the baseline.
+"""The statistics of `compare`: per-variant mean ± std over seeds, and two tests of the difference between a variant
+and the baseline: a paired bootstrap over eval examples (numpy; the seeds held fixed, the eval set resampled) and a
+paired t-test over seeds (scipy's Student t; the eval set held fixed, the seeds a sample).
 
 A metric is a ratio of sums over eval examples, `Σ num / Σ den`: accuracy has `num` = 1 for a correct example and
 `den` = 1; a causal LM's token accuracy has `num` = correct tokens and `den` = tokens of the example. One run gives
@@ -13,6 +14,8 @@ Example:
     >>> candidate, baseline = (np.array([1, 1, 1, 0.0]), ones), (np.array([1, 0, 1, 0.0]), ones)
     >>> paired_bootstrap([candidate], [baseline], resamples=200)["delta_mean"]
     0.25
+    >>> paired_seed_test([0.80, 0.79, 0.81], [0.78, 0.78, 0.79])["better"]
+    3
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
 
 PerExample = tuple[np.ndarray, np.ndarray]  # (num, den) over the eval examples of one run
 _CHUNK = 1000  # resamples drawn per batch: bounds the memory of the count matrix to _CHUNK × examples
@@ -107,3 +111,44 @@ def paired_bootstrap(
         "p_value": (1 + extreme) / (resamples + 1),
         "test": bootstrap_test_name(resamples, seed),
     }
+
+
+SEED_TEST = (
+    "paired t-test over seeds (Δ_s = variant − baseline on seed s; t = mean Δ / (sd Δ / √n), n − 1 degrees of "
+    "freedom, two-sided p; 95 % interval mean Δ ± t_0.975 · sd Δ / √n; the eval examples are held fixed)"
+)
+
+
+def paired_seed_test(candidate: Sequence[float], baseline: Sequence[float]) -> dict[str, object]:
+    """Paired t-test of the per-seed differences `candidate[i] − baseline[i]` (the metric of the runs with the i-th
+    seed). Returns `delta_mean`, `ci95`, `p_value`, `t`, `df`, `better` (seeds where the candidate is higher),
+    `n` and `test`. With one seed there is no test (`ci95`, `p_value` and `t` are None); when every seed gives the
+    same difference, `p_value` is 1.0 for a zero difference and 0.0 otherwise.
+
+    Example:
+        >>> result = paired_seed_test([0.80, 0.79, 0.81], [0.78, 0.78, 0.79])
+        >>> round(result["t"], 3), round(result["p_value"], 3)
+        (5.0, 0.038)
+    """
+    deltas = np.asarray(candidate, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    if deltas.ndim != 1 or deltas.size == 0 or len(candidate) != len(baseline):
+        raise ValueError("paired_seed_test needs one baseline value per candidate value (the same seeds).")
+    n, mean = int(deltas.size), float(deltas.mean())
+    result: dict[str, object] = {
+        "delta_mean": mean,
+        "ci95": None,
+        "p_value": None,
+        "t": None,
+        "df": n - 1,
+        "better": int(np.count_nonzero(deltas > 0)),
+        "n": n,
+        "test": SEED_TEST,
+    }
+    if n < 2:
+        return result
+    error = float(deltas.std(ddof=1) / np.sqrt(n))
+    if error == 0.0:
+        return {**result, "ci95": [mean, mean], "p_value": 1.0 if mean == 0.0 else 0.0}
+    t = mean / error
+    half = float(stats.t.ppf(0.975, n - 1)) * error
+    return {**result, "ci95": [mean - half, mean + half], "p_value": float(2 * stats.t.sf(abs(t), n - 1)), "t": t}
