@@ -306,3 +306,21 @@ def test_bad_input_is_one_line_and_exit_2(base: Path, parity_file: Path, tmp_pat
         timeout=120,
     )
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Seeds are comma-separated integers" in run.stderr
+
+
+def test_seq_cls_runs_eva_without_its_token_label_mask(base: Path, parity_file: Path, tmp_path: Path) -> None:
+    # EVA's label mask is for token labels; with one label per example compare turns it off (it failed before).
+    results = compare(
+        base,
+        parity_file,
+        task="seq-cls",
+        text_field="sentence",
+        label_field="parity",
+        variants=["lora", "eva"],
+        seeds=[0],
+        output_dir=tmp_path / "cmp",
+        **FAST,
+    )
+    eva = next(run for run in results["runs"] if run["variant"] == "eva")
+    assert eva["options"]["use_label_mask"] is False and eva["factor_source"] == "computed"
+    assert 0.0 <= eva["metrics"]["accuracy"] <= 1.0 and results["summary"]["eva"]["accuracy"]["n"] == 1

@@ -91,17 +91,24 @@ class _HeadDigest(TrainerCallback):
         self.sha256 = digest.hexdigest() if found else None
 
 
-def variant_options(variant: str, seed: int, options: Mapping[str, Any]) -> dict[str, Any]:
+def variant_options(variant: str, seed: int, options: Mapping[str, Any], *, task: str) -> dict[str, Any]:
     """The variant's options for a run: `options`, plus `seed` = the run's seed when the variant takes a seed and
-    `options` sets none (a deterministic variant's factor set is then the same for every seed, computed once).
+    `options` sets none (a deterministic variant's factor set is then the same for every seed, computed once), and
+    for `seq-cls` `use_label_mask=False` when the variant takes it and `options` does not set it (EVA's label mask is
+    for token labels; a classification batch has one label per example).
 
     Example:
-        >>> variant_options("lora", 3, {}), variant_options("pissa", 3, {})
+        >>> variant_options("lora", 3, {}, task="seq-cls"), variant_options("pissa", 3, {}, task="seq-cls")
         ({'seed': 3}, {})
+        >>> variant_options("eva", 0, {}, task="seq-cls")["use_label_mask"]
+        False
     """
     chosen = dict(options)
-    if "seed" in get_variant(variant).defaults:
+    defaults = get_variant(variant).defaults
+    if "seed" in defaults:
         chosen.setdefault("seed", seed)
+    if task == "seq-cls" and "use_label_mask" in defaults:
+        chosen.setdefault("use_label_mask", False)
     return chosen
 
 
@@ -183,7 +190,7 @@ def run_one(
         lora_config_kwargs={"task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM"},
         dtype=torch.float32,
         cache_dir=settings.cache_dir,
-        **variant_options(variant, seed, options),
+        **variant_options(variant, seed, options, task=settings.task),
     )
     collator = _collator(settings.task, tokenizer)
     seconds: dict[str, float] = {}

@@ -98,7 +98,8 @@ def peft_data_init(
             preprocess_loraga(work, lora_config, train_step=lambda: train_step(work, batches))
         peft_model = get_peft_model(work, lora_config)
         if config.variant == "eva":
-            initialize_lora_eva_weights(peft_model, dataloader=list(batches), show_progress_bar=False)
+            # PEFT takes plain dicts only (a collator's BatchEncoding is a UserDict)
+            initialize_lora_eva_weights(peft_model, dataloader=[dict(b) for b in batches], show_progress_bar=False)
     result = _harvest(peft_model.get_base_model(), config, weights)
     logger.info("PEFT's %s init computed on %d calibration batches.", config.variant, len(batches))
     return result
