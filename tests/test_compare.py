@@ -85,7 +85,7 @@ def test_seed_test_matches_student_t_from_its_density() -> None:
     assert quantile == pytest.approx(2.776445, abs=1e-6) and _t_p_value(quantile, 4) == pytest.approx(0.05, abs=1e-9)
     assert result["ci95"][0] == pytest.approx(deltas.mean() - quantile * error, rel=1e-12)
     assert paired_seed_test([0.8], [0.7])["p_value"] is None  # one seed: no test
-    assert paired_seed_test([0.75, 0.5], [0.5, 0.25])["p_value"] == 0.0  # the same difference on every seed
+    assert paired_seed_test([0.75, 0.5], [0.5, 0.25])["p_value"] is None  # the same difference on every seed
     assert paired_seed_test([0.8, 0.9], [0.8, 0.9])["p_value"] == 1.0
     with pytest.raises(ValueError, match="same seeds"):
         paired_seed_test([0.8, 0.9], [0.8])

@@ -123,7 +123,7 @@ def paired_seed_test(candidate: Sequence[float], baseline: Sequence[float]) -> d
     """Paired t-test of the per-seed differences `candidate[i] − baseline[i]` (the metric of the runs with the i-th
     seed). Returns `delta_mean`, `ci95`, `p_value`, `t`, `df`, `better` (seeds where the candidate is higher),
     `n` and `test`. With one seed there is no test (`ci95`, `p_value` and `t` are None); when every seed gives the
-    same difference, `p_value` is 1.0 for a zero difference and 0.0 otherwise.
+    same difference there is no spread to test against: `p_value` is 1.0 for a zero difference, None otherwise.
 
     Example:
         >>> result = paired_seed_test([0.80, 0.79, 0.81], [0.78, 0.78, 0.79])
@@ -147,8 +147,8 @@ def paired_seed_test(candidate: Sequence[float], baseline: Sequence[float]) -> d
     if n < 2:
         return result
     error = float(deltas.std(ddof=1) / np.sqrt(n))
-    if error == 0.0:
-        return {**result, "ci95": [mean, mean], "p_value": 1.0 if mean == 0.0 else 0.0}
+    if error == 0.0:  # every seed gave the same difference: no spread to test against
+        return {**result, "ci95": [mean, mean], "p_value": 1.0 if mean == 0.0 else None}
     t = mean / error
     half = float(stats.t.ppf(0.975, n - 1)) * error
     return {**result, "ci95": [mean - half, mean + half], "p_value": float(2 * stats.t.sf(abs(t), n - 1)), "t": t}
