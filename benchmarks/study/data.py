@@ -19,10 +19,11 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from inilora_hf.comparison.records import write_atomic
 
 REVIEWS_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 REVIEWS_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
@@ -88,8 +89,5 @@ def movie_splits(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
 
 def write_jsonl(rows: list[dict[str, str]], path: Path) -> Path:
     """``rows`` as JSON lines at ``path``, written to a temporary file and renamed into place (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temporary, path)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
     return path

@@ -156,16 +156,8 @@ def write_report(
     counts = {name: f"{len(rows)} sentences, {len({r['movie'] for r in rows})} movies" for name, rows in splits.items()}
     steps = results["config"]["max_steps"]
     train_seconds = [run["seconds"]["train"] / steps for run in results["runs"]]
-    edge = (
-        " (at the edge of the grid: a wider grid may choose another rate)"
-        if selection
-        and rate
-        in (
-            min(LEARNING_RATES),
-            max(LEARNING_RATES),
-        )
-        else ""
-    )
+    at_edge = selection and rate in (min(LEARNING_RATES), max(LEARNING_RATES))
+    edge = " (at the edge of the grid: a wider grid may choose another rate)" if at_edge else ""
     chosen = {key: round(value, 4) for key, value in selection.items()}
     lines = [
         "# Init study: all-MiniLM-L6-v2 on Rotten Tomatoes sentences (split by movie)",

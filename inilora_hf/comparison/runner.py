@@ -129,7 +129,7 @@ def evaluate_examples(
     names = METRICS[task]
     # Batches of examples of similar length (longest first) pad little; the results go back to the rows' order.
     order = np.argsort([-len(ids) for ids in rows["input_ids"]], kind="stable")
-    values: dict[str, list[np.ndarray]] = {"num": [], "loss": [], "den": []}
+    values: dict[str, list[np.ndarray]] = {name: [] for name in (*names, "den")}
     predicted: list[np.ndarray] = []
     device = next(model.parameters()).device
     model.eval()
@@ -154,7 +154,7 @@ def evaluate_examples(
             correct = ((predictions == labels) & mask).double().sum(-1)
             counts = mask.double().sum(-1)
             predicted += [row[keep] for row, keep in zip(predictions.cpu().numpy(), mask.cpu().numpy(), strict=True)]
-        for key, tensor in zip(("num", "loss", "den"), (correct, losses, counts), strict=True):
+        for key, tensor in zip((*names, "den"), (correct, losses, counts), strict=True):
             values[key].append(tensor.double().cpu().numpy())
     restore = np.argsort(order)  # position of each row in the sorted order
     columns = {key: np.concatenate(parts)[restore] for key, parts in values.items()}
@@ -162,8 +162,7 @@ def evaluate_examples(
     for position in restore:  # each example's predicted class / target-token predictions, in the rows' order
         digest.update(predicted[position].astype(np.int64).tobytes() + b"|")
     den = columns["den"].tolist()
-    metrics = dict(zip(names, (columns["num"], columns["loss"]), strict=True))
-    return {name: {"num": metrics[name].tolist(), "den": den} for name in names}, digest.hexdigest()
+    return {name: {"num": columns[name].tolist(), "den": den} for name in names}, digest.hexdigest()
 
 
 def run_one(
