@@ -11,9 +11,9 @@ the train movies with it and is tested once on the test movies; the runs go seed
 then of seed 1, ...), so an interrupted study has the same seeds for every variant.
 
 ``--workers N`` starts N − 1 copies of this command that share the runs with it through ``compare``'s run locks
-(each process pins ``--threads``). Measured on this project's 2-core CPU machine, 2 workers × 1 thread: about 1.7 s
-per training step and 210 s per run (100 steps + the test evaluation) in each worker, so the 8 selection runs and
-the 75 test runs take about 2.5 h.
+(each process pins ``--threads``). Measured on this project's 2-core CPU machine, 2 workers × 1 thread: 1.8–2.4 s
+per training step and 218–339 s per run (factors + 100 steps + the test evaluation) in each worker, 32 runs in
+72 min, so the 8 selection runs and the 75 test runs take about 3.1 h.
 
 Writes ``--output-dir`` (default ``benchmarks/study/results``): ``selection/lr-*/`` and ``test/`` (the outputs of
 ``compare``: results.json, summary.md, loss.png, metric.png, runs/) and ``study.md`` (the choice, the split, the
