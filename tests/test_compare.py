@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.image import imread
 from torch.nn import functional
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,6 +113,28 @@ def test_statistics_match_an_independent_computation() -> None:
     assert same["delta_mean"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p_value"] == 1.0
     with pytest.raises(ValueError, match="same seeds"):
         paired_bootstrap(candidate, baseline[:2])
+
+
+def test_plots_smooth_long_histories_and_draw_every_variant(tmp_path: Path) -> None:
+    losses = np.random.default_rng(0).normal(size=60)
+    expected = [sum(losses[k : k + 3]) / 3 for k in range(58)]
+    np.testing.assert_allclose(report._moving_average(list(losses), 3), expected, rtol=1e-12)
+    np.testing.assert_array_equal(report._moving_average(list(losses), 1), losses)
+    runs = [
+        {
+            "variant": f"v{index}",
+            "seed": seed,
+            "metrics": {"accuracy": 0.5 + index / 100},
+            "history": [{"step": k + 1, "loss": float(losses[k] + index)} for k in range(60)],
+        }
+        for index in range(12)  # more variants than colours
+        for seed in (0, 1)
+    ]
+    paths = report.write_plots({"runs": runs, "config": {"metrics": ["accuracy"]}}, tmp_path)
+    assert [path.name for path in paths] == ["loss.png", "metric.png"]
+    for path in paths:
+        height, width, _ = imread(path).shape
+        assert width > height > 100
 
 
 def test_compare_seq_cls_files_statistics_fairness_and_resume(

@@ -131,8 +131,16 @@ def summary_markdown(results: dict[str, Any]) -> str:
     if Figure is None:
         lines += [PLOTS_HINT, ""]
     else:
-        lines += ["Plots: `loss.png` (training loss, mean over seeds with a min–max band), `metric.png`.", ""]
+        lines += [
+            "Plots: `loss.png` (training loss, mean over seeds with a min–max band; see its title), `metric.png`.",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def _moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Means of `window` consecutive values (`len(values) - window + 1` of them); the values themselves for 1."""
+    return np.convolve(np.asarray(values, dtype=float), np.ones(window) / window, mode="valid")
 
 
 def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
@@ -141,23 +149,29 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
         logger.warning(PLOTS_HINT)
         return []
     grouped = _by_variant(results["runs"])
-    loss_figure = Figure(figsize=(7, 4.5))
+    # Ten colours, then the same colours with another line style / marker: every variant stays distinguishable.
+    styles = [
+        (f"C{index % 10}", ("-", "--", ":")[index // 10 % 3], "os^"[index // 10 % 3]) for index in range(len(grouped))
+    ]
+    loss_figure = Figure(figsize=(8.5, 4.5))
     axes = loss_figure.subplots()
-    for variant, group in grouped.items():
-        steps = np.array([entry["step"] for entry in group[0]["history"]])
-        losses = np.array([[entry["loss"] for entry in run["history"]] for run in group])
-        axes.plot(steps, losses.mean(axis=0), label=variant)
-        axes.fill_between(steps, losses.min(axis=0), losses.max(axis=0), alpha=0.2)
-    axes.set(xlabel="step", ylabel="training loss", title="Training loss (mean over seeds, min–max band)")
-    axes.legend()
+    window = max(1, len(next(iter(grouped.values()))[0]["history"]) // 20)  # per-batch losses are noisy
+    for (variant, group), (color, line, _) in zip(grouped.items(), styles, strict=True):
+        steps = np.array([entry["step"] for entry in group[0]["history"]])[window - 1 :]
+        losses = np.array([_moving_average([entry["loss"] for entry in run["history"]], window) for run in group])
+        axes.plot(steps, losses.mean(axis=0), color=color, linestyle=line, label=variant)
+        axes.fill_between(steps, losses.min(axis=0), losses.max(axis=0), color=color, alpha=0.12)
+    smoothing = f"; moving average over {window} steps" if window > 1 else ""
+    axes.set(xlabel="step", ylabel="training loss", title=f"Training loss (mean over seeds, min–max band{smoothing})")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     metric = results["config"]["metrics"][0]
-    metric_figure = Figure(figsize=(7, 4.5))
+    metric_figure = Figure(figsize=(max(6.0, 0.5 * len(grouped) + 2), 4.5))
     axes = metric_figure.subplots()
-    for position, group in enumerate(grouped.values()):
+    for position, (group, (color, _, marker)) in enumerate(zip(grouped.values(), styles, strict=True)):
         values = [run["metrics"][metric] for run in group]
-        axes.scatter(np.full(len(values), position), values, alpha=0.6)
+        axes.scatter(np.full(len(values), position), values, color=color, marker=marker, alpha=0.6)
         axes.hlines(np.mean(values), position - 0.3, position + 0.3, color="black")
-    axes.set_xticks(range(len(grouped)), list(grouped), rotation=30)
+    axes.set_xticks(range(len(grouped)), list(grouped), rotation=45, ha="right")
     axes.set(ylabel=metric, title=f"Final {metric} per seed (line: mean)")
     paths = [folder / "loss.png", folder / "metric.png"]
     for figure, path in zip((loss_figure, metric_figure), paths, strict=True):
